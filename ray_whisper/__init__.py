@@ -1,0 +1,39 @@
+"""ray_whisper: transcribe a manifest of audio files with Whisper on a Ray cluster.
+
+    import ray_whisper
+    summary = ray_whisper.transcribe("manifest.csv", "out/", batch_size=16)
+    ds = ray_whisper.build_dataset("manifest.csv")   # lazy Ray Dataset of output rows
+
+Heavy libraries (ray, torch, transformers) load on first use, not at import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ConfigError, TranscribeOptions
+
+__all__ = ["ConfigError", "Summary", "TranscribeOptions", "build_dataset", "transcribe"]
+__version__ = "0.1.0"
+
+
+def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any):
+    """Transcribe every row of `manifest` into Parquet under `output`; returns a Summary."""
+    from .pipeline import transcribe as _transcribe
+
+    return _transcribe(manifest, output, options, **overrides)
+
+
+def build_dataset(manifest: str, options: TranscribeOptions | None = None, **overrides: Any):
+    """The lazy Ray Dataset of output rows, one per manifest row."""
+    from .pipeline import build_dataset as _build
+
+    return _build(manifest, options, **overrides)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Summary":
+        from .pipeline import Summary
+
+        return Summary
+    raise AttributeError(name)

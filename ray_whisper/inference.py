@@ -1,0 +1,360 @@
+"""The resident-model stage: a callable class for `map_batches` that keeps Whisper loaded and decodes
+batches of windows from many files at once.
+
+Decoding is a greedy loop of our own over the transformers model's encoder and decoder, not
+`generate()`: it needs the no-speech probability at the start-of-transcript position, the mean token
+log-probability, per-row languages in one batch, and Whisper's timestamp rules, all in one pass.
+Beam search (beam_size > 1) goes through `generate()` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import features, schema
+from .audio import SAMPLE_RATE, SECONDS_PER_TOKEN
+from .config import TranscribeOptions
+
+log = logging.getLogger(__name__)
+
+MAX_INITIAL_TIMESTAMP_S = 1.0  # the first segment starts within 1 s of the window start (as Whisper)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    eot: int
+    sot: int
+    no_timestamps: int
+    timestamp_begin: int  # <|0.00|>; timestamps follow in 20 ms steps
+    no_speech: int
+    transcribe: int
+    translate: int
+    languages: dict[str, int]  # "en" -> <|en|>; empty for English-only models
+    suppress: tuple[int, ...]
+    suppress_at_begin: tuple[int, ...]
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.languages)
+
+
+def special_tokens(tokenizer: Any, generation_config: Any, vocab_size: int) -> SpecialTokens:
+    """Find Whisper's control tokens from the tokenizer and generation config of any checkpoint."""
+
+    def tok(name: str) -> int | None:
+        i = tokenizer.convert_tokens_to_ids(name)
+        return None if i is None or i == tokenizer.unk_token_id else int(i)
+
+    no_ts = tok("<|notimestamps|>")
+    if no_ts is None:
+        raise ValueError("tokenizer has no <|notimestamps|> token: this is not a Whisper tokenizer")
+    multilingual = vocab_size >= 51865  # English-only vocabularies are 51864 tokens
+    languages: dict[str, int] = {}
+    if multilingual:
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+        languages = {k.strip("<|>"): int(v) for k, v in lang_to_id.items()}
+        if not languages:
+            languages = {code: i for code in LANGUAGES if (i := tok(f"<|{code}|>")) is not None}
+    no_speech = tok("<|nospeech|>") or tok("<|nocaptions|>") or no_ts - 1
+    return SpecialTokens(
+        eot=int(tokenizer.convert_tokens_to_ids("<|endoftext|>")),
+        sot=int(tokenizer.convert_tokens_to_ids("<|startoftranscript|>")),
+        no_timestamps=no_ts,
+        timestamp_begin=no_ts + 1,  # true of every Whisper vocabulary, whether or not the tokenizer lists them
+        no_speech=no_speech,
+        transcribe=int(tokenizer.convert_tokens_to_ids("<|transcribe|>")),
+        translate=int(tokenizer.convert_tokens_to_ids("<|translate|>")),
+        languages=languages,
+        suppress=tuple(getattr(generation_config, "suppress_tokens", None) or ()),
+        suppress_at_begin=tuple(getattr(generation_config, "begin_suppress_tokens", None) or ()),
+    )
+
+
+def language_code(language: str | None, tokens: SpecialTokens) -> str | None:
+    """Normalise 'English' / 'en' to 'en'; raise ValueError naming the choices for an unknown language."""
+    if language is None:
+        return None
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+    if not tokens.multilingual:
+        if code != "en":
+            raise ValueError(f"language {language!r} needs a multilingual model; this one is English-only")
+        return "en"
+    if code not in tokens.languages:
+        raise ValueError(f"unknown language {language!r}; use a code such as {', '.join(list(tokens.languages)[:12])}")
+    return code
+
+
+class WhisperDecoder:
+    """Greedy batched decoding with timestamp rules, no-speech probability and mean log-probability."""
+
+    def __init__(self, model: Any, tokens: SpecialTokens, options: TranscribeOptions):
+        import torch
+
+        self.model = model
+        self.t = tokens
+        self.opt = options
+        vocab = model.config.vocab_size
+        self.device = next(model.parameters()).device
+        suppress = torch.zeros(vocab, dtype=torch.bool)
+        ids = [i for i in tokens.suppress if i < vocab] + [tokens.no_timestamps, tokens.sot, tokens.transcribe,
+                                                              tokens.translate, tokens.no_speech]
+        ids += list(tokens.languages.values())
+        suppress[ids] = True
+        if not options.timestamps:
+            suppress[tokens.timestamp_begin :] = True
+        self.suppress = suppress.to(self.device)
+        begin = torch.zeros(vocab, dtype=torch.bool)
+        begin[[i for i in tokens.suppress_at_begin if i < vocab]] = True
+        self.suppress_begin = begin.to(self.device)
+        self.max_initial = round(MAX_INITIAL_TIMESTAMP_S / SECONDS_PER_TOKEN)
+
+    def prompt(self, language: str | None) -> list[int]:
+        ids = [self.t.sot]
+        if self.t.multilingual:
+            ids += [self.t.languages[language or "en"], self.t.translate if self.opt.task == "translate" else self.t.transcribe]
+        if not self.opt.timestamps:
+            ids.append(self.t.no_timestamps)
+        return ids
+
+    def detect_languages(self, sot_logits: Any) -> list[str]:
+        import torch
+
+        codes = list(self.t.languages)
+        ids = torch.tensor([self.t.languages[c] for c in codes], device=sot_logits.device)
+        return [codes[i] for i in sot_logits[:, ids].argmax(dim=-1).tolist()]
+
+    def __call__(self, feats: np.ndarray, languages: list[str | None]) -> list[dict[str, Any]]:
+        """Decode a batch of (n_mels, 3000) features; returns per row: tokens, language, no_speech_prob, avg_logprob."""
+        import torch
+
+        model = self.model
+        dtype = next(model.parameters()).dtype
+        with torch.inference_mode():
+            x = torch.from_numpy(feats).to(self.device, dtype, non_blocking=True)
+            enc = model.model.encoder(x).last_hidden_state
+            bsz = enc.shape[0]
+            # Step 0: the start-of-transcript position alone gives no-speech and language probabilities.
+            sot = torch.full((bsz, 1), self.t.sot, dtype=torch.long, device=self.device)
+            out = model.model.decoder(input_ids=sot, encoder_hidden_states=enc, use_cache=True)
+            cache = out.past_key_values
+            sot_logits = model.proj_out(out.last_hidden_state[:, -1]).float()
+            no_speech = sot_logits.softmax(-1)[:, self.t.no_speech].tolist()
+            if self.t.multilingual:
+                detected = self.detect_languages(sot_logits)
+                languages = [lang or det for lang, det in zip(languages, detected)]
+            else:
+                languages = ["en"] * bsz
+            rest = [self.prompt(lang)[1:] for lang in languages]
+            if rest[0]:
+                ids = torch.tensor(rest, dtype=torch.long, device=self.device)
+                out = model.model.decoder(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = model.proj_out(out.last_hidden_state[:, -1]).float()
+            else:
+                logits = sot_logits
+            tokens, sum_logprob = self._greedy(logits, enc, cache)
+        results = []
+        for i in range(bsz):
+            n = max(len(tokens[i]), 1)
+            results.append(
+                {
+                    "tokens": tokens[i],
+                    "language": languages[i],
+                    "no_speech_prob": float(no_speech[i]),
+                    "avg_logprob": float(sum_logprob[i]) / n,
+                }
+            )
+        return results
+
+    def _greedy(self, logits: Any, enc: Any, cache: Any) -> tuple[list[list[int]], list[float]]:
+        import torch
+
+        t, dev = self.t, self.device
+        bsz, vocab = logits.shape
+        ts = t.timestamp_begin
+        neg = torch.tensor(float("-inf"), device=dev)
+        ts_index = torch.arange(vocab - ts, device=dev)  # timestamp k <-> token ts + k
+        # as if a timestamp preceded the start, so the first sampled timestamp must be followed by text
+        last_was_ts = torch.ones(bsz, dtype=torch.bool, device=dev)
+        penult_was_ts = torch.ones(bsz, dtype=torch.bool, device=dev)
+        last_ts = torch.full((bsz,), -1, dtype=torch.long, device=dev)
+        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
+        sum_logprob = torch.zeros(bsz, device=dev)
+        generated: list[Any] = []
+        for step in range(self.opt.max_new_tokens):
+            logits = logits.masked_fill(self.suppress, neg)
+            if step == 0:
+                logits = logits.masked_fill(self.suppress_begin, neg)
+            if self.opt.timestamps:
+                logits = self._timestamp_rules(logits, step, last_was_ts, penult_was_ts, last_ts, ts_index, neg)
+            logprobs = logits.log_softmax(-1)
+            next_tok = logits.argmax(-1)
+            next_tok = torch.where(done, torch.full_like(next_tok, t.eot), next_tok)
+            sum_logprob += torch.where(done, torch.zeros_like(sum_logprob), logprobs.gather(1, next_tok[:, None])[:, 0])
+            generated.append(next_tok)
+            is_ts = next_tok >= ts
+            penult_was_ts = last_was_ts
+            last_was_ts = is_ts
+            last_ts = torch.where(is_ts, next_tok - ts, last_ts)
+            done = done | (next_tok == t.eot)
+            if bool(done.all()):
+                break
+            out = self.model.model.decoder(
+                input_ids=next_tok[:, None], encoder_hidden_states=enc, past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            logits = self.model.proj_out(out.last_hidden_state[:, -1]).float()
+        seqs = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
+        tokens = [s[: s.index(t.eot)] if t.eot in s else s for s in seqs]
+        return tokens, sum_logprob.tolist()
+
+    def _timestamp_rules(self, logits, step, last_was_ts, penult_was_ts, last_ts, ts_index, neg):
+        """Whisper's rules: timestamps in pairs, never decreasing, first one within 1 s, and text is
+        suppressed whenever the timestamps together are likelier than any single text token."""
+        import torch
+
+        ts, eot = self.t.timestamp_begin, self.t.eot
+        vocab = logits.shape[1]
+        token_ids = torch.arange(vocab, device=logits.device)
+        if step == 0:
+            mask = (token_ids < ts)[None, :] | (token_ids > ts + self.max_initial)[None, :]
+            return logits.masked_fill(mask, neg)
+        closing = last_was_ts & ~penult_was_ts  # a segment just ended: next is its twin timestamp or eot
+        after_pair = last_was_ts & penult_was_ts  # two timestamps in a row: text must follow
+        text_mask = (token_ids < eot)[None, :] & closing[:, None]
+        ts_mask = (token_ids >= ts)[None, :] & after_pair[:, None]
+        floor = torch.where(closing, last_ts, last_ts + 1).clamp(min=0)
+        decreasing = torch.zeros_like(logits, dtype=torch.bool)
+        decreasing[:, ts:] = (ts_index[None, :] < floor[:, None]) & (last_ts >= 0)[:, None]
+        logits = logits.masked_fill(text_mask | ts_mask | decreasing, neg)
+        logprobs = logits.log_softmax(-1)
+        ts_mass = logprobs[:, ts:].logsumexp(-1)
+        best_text = logprobs[:, :ts].max(-1).values
+        force_ts = ts_mass > best_text
+        return logits.masked_fill((token_ids < ts)[None, :] & force_ts[:, None], neg)
+
+
+class Transcriber:
+    """map_batches callable: loads Whisper once per actor, then turns chunk rows into token rows."""
+
+    def __init__(self, model_path: str, options: TranscribeOptions, n_mels: int):
+        import torch
+
+        from .model import load_whisper
+
+        self.options = options
+        self.n_mels = n_mels
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, math.ceil(options.cpus_per_actor)))
+        dtype = resolve_dtype(options.dtype, self.device)
+        self.model, self.processor = load_whisper(model_path, options.revision, self.device, dtype)
+        tok = self.processor.tokenizer
+        self.tokens = special_tokens(tok, self.model.generation_config, self.model.config.vocab_size)
+        self.decoder = WhisperDecoder(self.model, self.tokens, options)
+        log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch[schema.ID])
+        errors = batch[schema.ERROR]
+        ok = [i for i in range(n) if not isinstance(errors[i], str)]  # null arrives as None or NaN
+        out_tokens: list[list[list[int]]] = [[] for _ in range(n)]
+        seg_start: list[list[float]] = [[] for _ in range(n)]
+        seg_end: list[list[float]] = [[] for _ in range(n)]
+        langs: list[str | None] = [x if isinstance(x, str) and x else None for x in batch[schema.LANGUAGE]]
+        no_speech = [float("nan")] * n
+        avg_lp = [float("nan")] * n
+        err = list(errors)
+        kinds = list(batch[schema.ERROR_KIND])
+        if ok:
+            feats = features.from_bytes([batch[schema.FEATURES][i] for i in ok], self.n_mels)
+            requested = [language_code(langs[i] or self.options.language, self.tokens) for i in ok]
+            try:
+                results = self.decoder(feats, requested)
+            except Exception as e:  # a batch-level model failure must not lose rows: report it per window
+                log.exception("model failed on a batch of %d windows", len(ok))
+                for i in ok:
+                    err[i], kinds[i] = f"model failed: {type(e).__name__}: {e}", "model_error"
+                results = []
+            for i, r in zip(ok, results):
+                duration = (int(batch[schema.END][i]) - int(batch[schema.START][i])) / SAMPLE_RATE
+                langs[i], no_speech[i], avg_lp[i] = r["language"], r["no_speech_prob"], r["avg_logprob"]
+                if r["no_speech_prob"] > self.options.no_speech_threshold and r["avg_logprob"] < self.options.logprob_threshold:
+                    continue  # silence: Whisper tends to invent a sentence here
+                for s, e, toks in segments_from_tokens(r["tokens"], self.tokens, duration, self.options.timestamps):
+                    seg_start[i].append(s)
+                    seg_end[i].append(e)
+                    out_tokens[i].append(toks)
+        return {
+            schema.ID: batch[schema.ID],
+            schema.AUDIO: batch[schema.AUDIO],
+            schema.LANGUAGE: np.array(langs, dtype=object),
+            schema.CHUNK_INDEX: batch[schema.CHUNK_INDEX],
+            schema.IS_LAST: batch[schema.IS_LAST],
+            schema.START: batch[schema.START],
+            schema.END: batch[schema.END],
+            schema.STRIDE_LEFT: batch[schema.STRIDE_LEFT],
+            schema.STRIDE_RIGHT: batch[schema.STRIDE_RIGHT],
+            schema.SEG_START: seg_start,
+            schema.SEG_END: seg_end,
+            schema.SEG_TOKENS: out_tokens,
+            schema.NO_SPEECH_PROB: np.array(no_speech),
+            schema.AVG_LOGPROB: np.array(avg_lp),
+            schema.ERROR: np.array(err, dtype=object),
+            schema.ERROR_KIND: np.array(kinds, dtype=object),
+        }
+
+
+def segments_from_tokens(tokens: list[int], special: SpecialTokens, duration: float, timestamps: bool):
+    """Split one window's generated tokens into (start_s, end_s, text tokens) relative to the window.
+
+    With timestamps, text between an opening and a closing timestamp is a segment; text after the last
+    timestamp (the window ended mid-segment) runs to the end of the window. Without, the window is one segment.
+    """
+    ts = special.timestamp_begin
+    if not timestamps:
+        text = [t for t in tokens if t < special.eot]
+        return [(0.0, duration, text)] if text else []
+    out: list[tuple[float, float, list[int]]] = []
+    start: float | None = None
+    text: list[int] = []
+    for t in tokens:
+        if t >= ts:
+            time = min((t - ts) * SECONDS_PER_TOKEN, duration)
+            if text:
+                out.append((start if start is not None else 0.0, max(time, start or 0.0), text))
+                text = []
+                start = None
+            else:
+                start = time
+        elif t < special.eot:
+            text.append(t)
+    if text:
+        out.append((start if start is not None else 0.0, duration, text))
+    return out
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    if device == "cpu" and name == "float16":
+        log.warning("float16 is slow or unsupported on CPU; using float32")
+        return torch.float32
+    return getattr(torch, name)
+
+
+def vote_language(languages: list[str | None]) -> str | None:
+    counts = Counter(lang for lang in languages if lang)
+    return counts.most_common(1)[0][0] if counts else None

@@ -1,0 +1,166 @@
+"""Stitch the windows of one file back into one transcript: pure functions on token ids, no model.
+
+Each window's output is a list of segments (start, end, token ids) with times in seconds from the start of
+the window. Windows cut at a pause share no audio and concatenate. Windows cut inside sound share an
+overlap that both transcribed; there the token sequences are aligned on their longest common run and
+spliced in its middle, so the shared words appear once. When the two readings share no run of at least
+MIN_MATCH tokens, the splice falls back to the cut time, with token times estimated inside segments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
+
+
+@dataclass(frozen=True)
+class TokenSegment:
+    start: float  # seconds
+    end: float
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What the model produced for one window, with the window's geometry in seconds from file start."""
+
+    index: int
+    start: float
+    end: float
+    stride_left: float
+    stride_right: float
+    segments: tuple[TokenSegment, ...]  # times relative to the window start
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One output segment; maps to the `segments` struct of the output table."""
+
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class _Token:
+    time: float  # estimated, seconds from file start
+    token: int
+    seg: int  # index of the segment it came from, within its window
+
+
+def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
+    """Absolute-time segments clipped to the window, and their tokens with times spread over each segment."""
+    segs: list[TokenSegment] = []
+    tokens: list[_Token] = []
+    for seg in chunk.segments:
+        start = min(max(chunk.start + seg.start, chunk.start), chunk.end)
+        end = min(max(chunk.start + seg.end, start), chunk.end)
+        if not seg.tokens:
+            continue
+        n = len(seg.tokens)
+        for k, t in enumerate(seg.tokens):
+            tokens.append(_Token(start + (end - start) * (k + 0.5) / n, t, len(segs)))
+        segs.append(TokenSegment(start, end, tuple(seg.tokens)))
+    return tokens, segs
+
+
+def longest_common_run(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, int]:
+    """(i, j, length) of the longest run with a[i:i+length] == b[j:j+length]; later runs in `a` win ties."""
+    best = (0, 0, 0)
+    prev = [0] * (len(b) + 1)
+    for i in range(1, len(a) + 1):
+        cur = [0] * (len(b) + 1)
+        for j in range(1, len(b) + 1):
+            if a[i - 1] == b[j - 1]:
+                cur[j] = prev[j - 1] + 1
+                if cur[j] >= best[2]:
+                    best = (i - cur[j], j - cur[j], cur[j])
+        prev = cur
+    return best
+
+
+def _splice_points(left: list[_Token], right: list[_Token], overlap: tuple[float, float]) -> tuple[int, int]:
+    """How many tokens of `left` to keep, and from which token of `right` to resume."""
+    lo, hi = overlap
+    margin = hi - lo  # token times are estimates: look one overlap-length beyond the shared audio
+    li = next((k for k, t in enumerate(left) if t.time >= lo - margin), len(left))
+    rj = next((k for k, t in enumerate(right) if t.time > hi + margin), len(right))
+    tail = [t.token for t in left[li:]]
+    head = [t.token for t in right[:rj]]
+    i, j, n = longest_common_run(tail, head)
+    if n >= MIN_MATCH:
+        half = n // 2
+        return li + i + half, j + half
+    cut = (lo + hi) / 2
+    keep = sum(1 for t in left if t.time < cut)
+    resume = sum(1 for t in right if t.time < cut)
+    return keep, resume
+
+
+def _cut_segments(segs: list[TokenSegment], tokens: list[_Token], lo: int, hi: int) -> list[TokenSegment]:
+    """The segments holding tokens[lo:hi], each trimmed to the tokens inside that range."""
+    out: list[TokenSegment] = []
+    for s_idx, seg in enumerate(segs):
+        kept = tuple(t.token for t in tokens[lo:hi] if t.seg == s_idx)
+        if kept:
+            out.append(TokenSegment(seg.start, seg.end, kept))
+    return out
+
+
+def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
+    """One file's windows (any order) -> its segments in file time, overlaps resolved, times monotonic."""
+    merged: list[TokenSegment] = []
+    prev: ChunkResult | None = None
+    for chunk in sorted(chunks, key=lambda c: c.index):
+        tokens, segs = _flatten(chunk)
+        if prev is None or chunk.stride_left <= 0 or not merged:
+            merged.extend(segs)
+        else:
+            overlap = (chunk.start, chunk.start + chunk.stride_left + prev.stride_right)
+            left_tokens = [
+                _Token(s.start + (s.end - s.start) * (k + 0.5) / len(s.tokens), t, n)
+                for n, s in enumerate(merged)
+                for k, t in enumerate(s.tokens)
+            ]
+            keep, resume = _splice_points(left_tokens, tokens, overlap)
+            head = _cut_segments(merged, left_tokens, 0, keep)
+            tail = _cut_segments(segs, tokens, resume, len(tokens))
+            if head and tail and _splits_a_segment(left_tokens, keep, tokens, resume):
+                # the splice fell inside a segment on either side: join the two halves into one segment
+                joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens)
+                head, tail = head[:-1] + [joined], tail[1:]
+            merged = head + tail
+        prev = chunk
+    return _monotonic(merged)
+
+
+def _splits_a_segment(left: list[_Token], keep: int, right: list[_Token], resume: int) -> bool:
+    """Whether the splice cut through a segment on at least one side (so the halves belong together)."""
+    left_cut = 0 < keep < len(left) and left[keep - 1].seg == left[keep].seg
+    right_cut = 0 < resume < len(right) and right[resume - 1].seg == right[resume].seg
+    return left_cut or right_cut
+
+
+def _monotonic(segs: list[TokenSegment]) -> list[TokenSegment]:
+    out: list[TokenSegment] = []
+    last_end = 0.0
+    for s in segs:
+        start = max(s.start, last_end)
+        end = max(s.end, start)
+        out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens))
+        last_end = end
+    return out
+
+
+def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]) -> tuple[str, list[Segment]]:
+    """Decode token segments into (full text, output segments); segments without words are dropped."""
+    out: list[Segment] = []
+    pieces: list[str] = []
+    for s in segs:
+        text = decode(s.tokens)
+        if text.strip():
+            pieces.append(text)
+            out.append(Segment(s.start, s.end, text.strip()))
+    return " ".join(" ".join(pieces).split()), out

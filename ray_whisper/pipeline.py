@@ -1,0 +1,214 @@
+"""Ray Data wiring only: manifest -> chunk rows (CPU) -> token rows (model actors) -> one row per file -> Parquet.
+
+Everything that can be checked is checked on the driver first (options, manifest, model, output), so a
+mistake fails in a second, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import schema
+from .chunking import ChunkGeometry
+from .config import ConfigError, TranscribeOptions
+from .manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The actor pool and batch geometry chosen for the cluster at hand."""
+
+    batch_size: int
+    min_actors: int
+    max_actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+
+
+def plan_resources(options: TranscribeOptions, cluster: dict[str, float]) -> Resources:
+    """Fill in the automatic options from the cluster's resources (pure: tested without Ray)."""
+    gpus = float(cluster.get("GPU", 0))
+    gpus_per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if gpus_per_actor > 0 and gpus == 0:
+        raise ConfigError(f"--gpus-per-actor {gpus_per_actor} asks for GPUs, but the cluster has none")
+    if options.max_actors is not None:
+        max_actors = options.max_actors
+    elif gpus_per_actor > 0:
+        max_actors = max(options.min_actors, int(math.floor(gpus / gpus_per_actor + 1e-9)))
+    else:
+        max_actors = options.min_actors
+    batch_size = options.batch_size or (32 if gpus_per_actor > 0 else 8)
+    return Resources(batch_size, options.min_actors, max_actors, gpus_per_actor, options.cpus_per_actor)
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS when set (ray job submit sets it), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    manifest: pa.Table
+    model_path: str
+    n_mels: int
+
+
+def prepare(manifest: str, options: TranscribeOptions) -> Prepared:
+    """Driver-side checks and resolution that need no cluster: manifest, model, language."""
+    from .inference import language_code, special_tokens
+    from .model import ModelError, resolve_model
+
+    table = read_manifest(manifest)
+    model_path = resolve_model(options.model, options.revision)
+    try:
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+        cfg = AutoConfig.from_pretrained(model_path, revision=options.revision)
+        tok = AutoTokenizer.from_pretrained(model_path, revision=options.revision)
+        try:
+            gen = GenerationConfig.from_pretrained(model_path, revision=options.revision)
+        except OSError:
+            gen = None
+    except OSError as e:
+        raise ModelError(f"cannot load the configuration of model {options.model!r}: {e}") from e
+    tokens = special_tokens(tok, gen, cfg.vocab_size)
+    try:
+        language_code(options.language, tokens)
+        for lang in set(table[schema.LANGUAGE].drop_null().to_pylist()):
+            language_code(lang, tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if options.task == "translate" and not tokens.multilingual:
+        raise ConfigError(f"--task translate needs a multilingual model; {options.model} is English-only")
+    return Prepared(table, model_path, int(cfg.num_mel_bins))
+
+
+def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
+    """The lazy Ray Dataset of output rows (schema.OUTPUT_SCHEMA), one per manifest row, for users who
+    compose their own pipeline. Nothing runs until the dataset is consumed."""
+    import ray
+    import ray.data
+
+    from .inference import Transcriber
+    from .postprocess import merge_file
+    from .preprocess import chunk_batch
+
+    options = (options or TranscribeOptions()).replace(**overrides) if overrides else (options or TranscribeOptions())
+    prepared = manifest if isinstance(manifest, Prepared) else prepare(manifest, options)
+    connect()
+    res = plan_resources(options, ray.cluster_resources())
+    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+
+    table = prepared.manifest
+    step = options.files_per_task
+    files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    chunks = files.map_batches(
+        chunk_batch,
+        fn_kwargs={"geom": geom, "n_mels": prepared.n_mels},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        max_retries=3,
+    )
+    tokens = chunks.map_batches(
+        Transcriber,
+        fn_constructor_kwargs={"model_path": prepared.model_path, "options": options, "n_mels": prepared.n_mels},
+        batch_size=res.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule
+    partitions = max(1, min(table.num_rows, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
+        merge_file,
+        fn_kwargs={"model_path": prepared.model_path, "revision": options.revision, "model_name": options.model},
+        batch_format="numpy",
+    )
+
+
+@dataclass
+class Summary:
+    """What a run did; `str()` is the report printed at the end of the CLI."""
+
+    files_ok: int
+    files_failed: int
+    audio_s: float
+    wall_s: float
+    output: str
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rtfx(self) -> float:
+        """Real-time factor: seconds of audio transcribed per second of wall time."""
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "files_ok": self.files_ok,
+            "files_failed": self.files_failed,
+            "audio_hours": round(self.audio_s / 3600, 4),
+            "wall_s": round(self.wall_s, 2),
+            "rtfx": round(self.rtfx, 2),
+            "errors_by_kind": self.errors_by_kind,
+            "output": self.output,
+        }
+
+    def __str__(self) -> str:
+        lines = [
+            f"files ok: {self.files_ok}   failed: {self.files_failed}",
+            f"audio: {self.audio_s / 3600:.3f} h ({self.audio_s:.1f} s)   wall: {self.wall_s:.1f} s   "
+            f"real-time factor: {self.rtfx:.1f}x",
+        ]
+        if self.errors_by_kind:
+            lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_kind.items())))
+        lines.append(f"output: {self.output}")
+        return "\n".join(lines)
+
+
+def summarize(table: pa.Table, wall_s: float, output: str) -> Summary:
+    ok = [s == schema.STATUS_OK for s in table["status"].to_pylist()]
+    kinds: dict[str, int] = {}
+    for good, err in zip(ok, table[schema.ERROR].to_pylist()):
+        if not good:
+            kind = (err or "unknown").split(":", 1)[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    audio_s = sum(d or 0.0 for d, good in zip(table["duration_s"].to_pylist(), ok) if good)
+    return Summary(sum(ok), len(ok) - sum(ok), audio_s, wall_s, output, kinds)
+
+
+def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:
+    """Transcribe every row of `manifest` into Parquet under `output`; returns the run's summary.
+
+    Options are TranscribeOptions fields, given as an object or as keywords (`batch_size=16`).
+    """
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    options = (options or TranscribeOptions()).replace(**overrides) if overrides else (options or TranscribeOptions())
+    prepared = prepare(manifest, options)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = build_dataset(prepared, options)
+    ds.write_parquet(str(out_dir))
+    result = pq.read_table(str(out_dir), schema=schema.OUTPUT_SCHEMA)
+    summary = summarize(result, time.perf_counter() - started, str(out_dir))
+    (out_dir / "_SUMMARY.json").write_text(json.dumps(summary.as_dict(), indent=2))
+    return summary

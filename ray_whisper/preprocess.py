@@ -1,0 +1,136 @@
+"""The CPU stage: manifest rows -> chunk rows (fetch, decode, cut into windows, log-mel features).
+
+One manifest row becomes one row per window, or a single error row when the file cannot be used; the
+error row travels through the model stage untouched so that every manifest row reaches the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import features, schema
+from .audio import AudioError, DecodeError, decode_stream, fetch_bytes
+from .chunking import ChunkGeometry, Window, iter_windows
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        (schema.ID, pa.string()),
+        (schema.AUDIO, pa.string()),
+        (schema.LANGUAGE, pa.string()),
+        (schema.CHUNK_INDEX, pa.int32()),
+        (schema.IS_LAST, pa.bool_()),
+        (schema.START, pa.int64()),
+        (schema.END, pa.int64()),
+        (schema.STRIDE_LEFT, pa.int64()),
+        (schema.STRIDE_RIGHT, pa.int64()),
+        (schema.FEATURES, pa.large_binary()),
+        (schema.ERROR, pa.string()),
+        (schema.ERROR_KIND, pa.string()),
+    ]
+)
+WINDOWS_PER_BLOCK = 16  # about 8 MB of float16 features per yielded block
+
+
+class _Collector:
+    """Accumulates chunk rows and hands them out as Arrow tables of bounded size."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+
+    def add(self, **row: Any) -> None:
+        for name in CHUNK_SCHEMA.names:
+            self.rows[name].append(row.get(name))
+
+    def __len__(self) -> int:
+        return len(self.rows[schema.ID])
+
+    def take(self) -> pa.Table:
+        table = pa.table(self.rows, schema=CHUNK_SCHEMA)
+        self.rows = {name: [] for name in CHUNK_SCHEMA.names}
+        return table
+
+
+def _safe_pieces(pieces: Iterator[np.ndarray], notes: list[str]) -> Iterator[np.ndarray]:
+    """Pass decoded pieces on; a stream that breaks after some audio ends there, with a note kept.
+
+    A truncated upload keeps the transcript of what decoded (status ok, the note in `error`); a file that
+    yields no audio at all still fails as a whole.
+    """
+    got_audio = False
+    try:
+        for p in pieces:
+            got_audio = got_audio or p.size > 0
+            yield p
+    except DecodeError as e:
+        if not got_audio:
+            raise
+        notes.append(f"truncated: {e}")
+
+
+def file_to_chunks(
+    row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector
+) -> Iterator[pa.Table]:
+    """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up."""
+    base = {schema.ID: row[schema.ID], schema.AUDIO: row[schema.AUDIO], schema.LANGUAGE: row.get(schema.LANGUAGE)}
+    notes: list[str] = []
+    pending: list[tuple[Window, np.ndarray]] = []
+    emitted = 0
+
+    def flush(last: bool) -> None:
+        nonlocal emitted
+        feats = features.log_mel([a for _, a in pending], n_mels)
+        for (w, _), f in zip(pending, feats):
+            out.add(
+                **base,
+                chunk_index=w.index,
+                is_last=w.is_last and last,
+                start=w.start,
+                end=w.end,
+                stride_left=w.stride_left,
+                stride_right=w.stride_right,
+                features=features.to_bytes(f),
+                error=notes[0] if (w.is_last and notes) else None,
+                error_kind="warning" if (w.is_last and notes) else None,
+            )
+        emitted += len(pending)
+        pending.clear()
+
+    try:
+        data = fetch_bytes(row[schema.AUDIO], filesystem)
+        for window, samples in iter_windows(_safe_pieces(decode_stream(data), notes), geom):
+            pending.append((window, samples))
+            if len(pending) >= 8:
+                flush(last=False)
+                if len(out) >= WINDOWS_PER_BLOCK:
+                    yield out.take()
+        if emitted + len(pending) == 0:
+            raise DecodeError("no audio samples decoded")
+        flush(last=True)
+    except AudioError as e:
+        _add_error(out, base, e.kind, str(e), emitted)
+    except Exception as e:  # anything unexpected in one file stays that file's problem
+        _add_error(out, base, "internal_error", f"{type(e).__name__}: {e}", emitted)
+
+
+def _add_error(out: _Collector, base: dict[str, Any], kind: str, message: str, emitted: int) -> None:
+    # chunk_index after any windows already emitted, so the error row never collides with one of them
+    out.add(
+        **base, chunk_index=emitted, is_last=True, start=0, end=0, stride_left=0, stride_right=0,
+        features=b"", error=" ".join(message.split())[:500], error_kind=kind,
+    )
+
+
+def chunk_batch(batch: pa.Table, geom: ChunkGeometry, n_mels: int, filesystem: Any = None) -> Iterator[pa.Table]:
+    """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready."""
+    import torch
+
+    torch.set_num_threads(1)  # one decode task per CPU; torch must not fan out across the node
+    out = _Collector()
+    for row in batch.to_pylist():
+        yield from file_to_chunks(row, geom, n_mels, filesystem, out)
+    if len(out):
+        yield out.take()
