@@ -81,12 +81,19 @@ def longest_common_run(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, in
     return best
 
 
-def _splice_points(left: list[_Token], right: list[_Token], overlap: tuple[float, float]) -> tuple[int, int]:
-    """How many tokens of `left` to keep, and from which token of `right` to resume."""
+def _splice_points(
+    left: list[_Token], right: list[_Token], overlap: tuple[float, float], spans: tuple[float, float]
+) -> tuple[int, int]:
+    """How many tokens of `left` to keep, and from which token of `right` to resume.
+
+    `spans` are the lengths in seconds of the two windows meeting here."""
     lo, hi = overlap
-    margin = hi - lo  # token times are estimates: look one overlap-length beyond the shared audio
-    li = next((k for k, t in enumerate(left) if t.time >= lo - margin), len(left))
-    rj = next((k for k, t in enumerate(right) if t.time > hi + margin), len(right))
+    # Token times are estimates (spread evenly inside a segment, and a window without timestamps is one
+    # segment), so look beyond the shared audio by its length plus a quarter of each window.
+    left_margin = (hi - lo) + 0.25 * spans[0]
+    right_margin = (hi - lo) + 0.25 * spans[1]
+    li = next((k for k, t in enumerate(left) if t.time >= lo - left_margin), len(left))
+    rj = next((k for k, t in enumerate(right) if t.time > hi + right_margin), len(right))
     tail = [t.token for t in left[li:]]
     head = [t.token for t in right[:rj]]
     i, j, n = longest_common_run(tail, head)
@@ -124,7 +131,8 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
                 for n, s in enumerate(merged)
                 for k, t in enumerate(s.tokens)
             ]
-            keep, resume = _splice_points(left_tokens, tokens, overlap)
+            spans = (prev.end - prev.start, chunk.end - chunk.start)
+            keep, resume = _splice_points(left_tokens, tokens, overlap, spans)
             head = _cut_segments(merged, left_tokens, 0, keep)
             tail = _cut_segments(segs, tokens, resume, len(tokens))
             if head and tail and _splits_a_segment(left_tokens, keep, tokens, resume):
