@@ -95,6 +95,7 @@ def decode_stream(data: bytes, *, piece_samples: int = N_SAMPLES) -> Iterator[np
         pending: list[np.ndarray] = []
         pending_len = 0
         total = 0
+        error: av.error.FFmpegError | None = None
         try:
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
@@ -108,12 +109,14 @@ def decode_stream(data: bytes, *, piece_samples: int = N_SAMPLES) -> Iterator[np
             for out in resampler.resample(None):
                 pending.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as e:
-            raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {_one_line(e)}") from e
+            error = e  # yield what decoded cleanly before the break (still pending), then raise
         if pending:
             piece = np.concatenate(pending)
             total += piece.size
             if piece.size:
                 yield piece
+        if error is not None:
+            raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {_one_line(error)}") from error
         if total == 0:
             raise NoAudioError("the audio stream holds no samples")
 
