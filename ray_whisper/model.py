@@ -44,11 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "BUNDLED_MODEL",
     "ModelError",
-    "read_ctranslate2_model",
-    "convert_ctranslate2_whisper",
     "bundled_model_dir",
-    "resolve_model",
+    "convert_ctranslate2_whisper",
     "load_whisper",
+    "read_ctranslate2_model",
+    "resolve_model",
 ]
 
 BUNDLED_MODEL = "bundled:tiny.en"
@@ -134,7 +134,8 @@ def read_ctranslate2_model(model_bin: Path) -> tuple[dict[str, np.ndarray], dict
     Arrays keep the stored dtype (float16/int8/... are *not* converted; quantized weights come
     with their ``*_scale`` companion variables) and are read-only views of the file contents.
     Aliased variables (CTranslate2 stores tied weights once and records ``alias -> target``)
-    are resolved, i.e. the alias name maps to the target's array.
+    are resolved, i.e. the alias name maps to the target's array (and ``alias_scale`` to the
+    target's scale when the target is quantized).
 
     Metadata keys: ``binary_version``, ``spec`` (e.g. ``"WhisperSpec"``), ``revision``,
     ``aliases`` ({alias: target}), ``dtypes`` ({name: stored dtype name}).
@@ -185,9 +186,7 @@ def read_ctranslate2_model(model_bin: Path) -> tuple[dict[str, np.ndarray], dict
         np_dtype = np.dtype("<u2") if dtype_name == "bfloat16" else np.dtype(dtype_name).newbyteorder("<")
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count * np_dtype.itemsize != num_bytes:
-            raise ModelError(
-                f"{model_bin}: variable {name!r} has shape {shape} ({dtype_name}) but {num_bytes} bytes"
-            )
+            raise ModelError(f"{model_bin}: variable {name!r} has shape {shape} ({dtype_name}) but {num_bytes} bytes")
         variables[name] = np.frombuffer(data, dtype=np_dtype, count=count, offset=start).reshape(shape)
         dtypes[name] = dtype_name
 
@@ -202,6 +201,12 @@ def read_ctranslate2_model(model_bin: Path) -> tuple[dict[str, np.ndarray], dict
             raise ModelError(f"{model_bin}: alias {alias!r} points to missing variable {target!r}")
         variables[alias] = variables[target]
         dtypes[alias] = dtypes[target]
+        # A quantized target's scale belongs to the alias too (CT2 aliases before quantizing,
+        # so only the target has a ``*_scale``); without it the alias would dequantize wrongly.
+        scale = f"{target}_scale"
+        if scale in variables and f"{alias}_scale" not in variables:
+            variables[f"{alias}_scale"] = variables[scale]
+            dtypes[f"{alias}_scale"] = dtypes[scale]
 
     if reader.offset != len(data):
         raise ModelError(
@@ -392,7 +397,9 @@ def _build_tokenizer(ct2_dir: Path, n_vocab: int):
         bos_token="<|startoftranscript|>",
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",  # batched decoding needs a pad token; Whisper reuses eot
-        extra_special_tokens=[n for n in special_names if n not in ("<|endoftext|>", "<|startoftranscript|>")],
+        # "additional_special_tokens" works on transformers 4.x and is mapped to v5's
+        # extra_special_tokens (whose 4.x meaning differs).
+        additional_special_tokens=[n for n in special_names if n not in ("<|endoftext|>", "<|startoftranscript|>")],
     )
     n_missing = n_vocab - len(tokenizer)
     if n_missing < 0:
@@ -402,10 +409,7 @@ def _build_tokenizer(ct2_dir: Path, n_vocab: int):
         if first != tokenizer.convert_tokens_to_ids("<|notimestamps|>") + 1:
             raise ModelError("timestamp tokens would not follow <|notimestamps|>; unexpected tokenizer layout")
         tokenizer.add_tokens(
-            [
-                AddedToken("<|%.2f|>" % (i * _TIME_PRECISION), special=False, normalized=False)
-                for i in range(n_missing)
-            ]
+            [AddedToken("<|%.2f|>" % (i * _TIME_PRECISION), special=False, normalized=False) for i in range(n_missing)]
         )
     if len(tokenizer) != n_vocab:
         raise ModelError(f"tokenizer size {len(tokenizer)} != model vocabulary {n_vocab}")
@@ -437,21 +441,21 @@ def _generation_config(tokenizer, ct2_config: dict, n_vocab: int, n_dec_layers: 
     alignment_heads = ct2_config.get("alignment_heads") or [
         [layer, head] for layer in range(n_dec_layers // 2, n_dec_layers) for head in range(n_dec_heads)
     ]
-    kwargs: dict[str, Any] = dict(
-        decoder_start_token_id=sot,
-        bos_token_id=sot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        no_timestamps_token_id=ids("<|notimestamps|>"),
-        prev_sot_token_id=ids("<|startofprev|>"),
-        suppress_tokens=list(ct2_config.get("suppress_ids") or []),
-        begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin") or [220, eot]),
-        alignment_heads=[list(pair) for pair in alignment_heads],
-        is_multilingual=multilingual,
-        max_initial_timestamp_index=50,  # same default as ctranslate2 / openai-whisper (1.0 s)
-        max_length=448,
-        return_timestamps=False,
-    )
+    kwargs: dict[str, Any] = {
+        "decoder_start_token_id": sot,
+        "bos_token_id": sot,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+        "no_timestamps_token_id": ids("<|notimestamps|>"),
+        "prev_sot_token_id": ids("<|startofprev|>"),
+        "suppress_tokens": list(ct2_config.get("suppress_ids") or []),
+        "begin_suppress_tokens": list(ct2_config.get("suppress_ids_begin") or [220, eot]),
+        "alignment_heads": [list(pair) for pair in alignment_heads],
+        "is_multilingual": multilingual,
+        "max_initial_timestamp_index": 50,  # same default as ctranslate2 / openai-whisper (1.0 s)
+        "max_length": 448,
+        "return_timestamps": False,
+    }
     if multilingual:
         # lang_to_id from CT2's lang_ids, checked against the tokenizer (tiny.en's CT2 config
         # carries a bogus shifted list, which is why English-only models skip this).
@@ -460,9 +464,7 @@ def _generation_config(tokenizer, ct2_config: dict, n_vocab: int, n_dec_layers: 
         lang_to_id = {n: i for n, i in zip(names, lang_ids) if n and n not in _NON_LANGUAGE_SPECIALS}
         if not lang_to_id or len(lang_to_id) != len(lang_ids):
             # Fall back to the tokens between <|startoftranscript|> and <|translate|>.
-            lang_to_id = {
-                tokenizer.convert_ids_to_tokens(i): i for i in range(sot + 1, ids("<|translate|>"))
-            }
+            lang_to_id = {tokenizer.convert_ids_to_tokens(i): i for i in range(sot + 1, ids("<|translate|>"))}
         kwargs["lang_to_id"] = lang_to_id
         kwargs["task_to_id"] = {"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")}
         # Without a task transformers would emit [sot, lang, notimestamps]; CT2/openai prompts
@@ -627,7 +629,7 @@ def _converted_dir(ct2_dir: Path, name: str, cache_dir: Path | None, model_bin: 
     completion marker is written, so readers never see a partial directory and a crash leaves
     only a ``.tmp-*`` sibling behind (removed by the next converter).
     """
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     model_bin = model_bin or ct2_dir / "model.bin"
     if not model_bin.is_file():
@@ -642,7 +644,15 @@ def _converted_dir(ct2_dir: Path, name: str, cache_dir: Path | None, model_bin: 
         models_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create model cache {models_root}: {exc}; set RAY_WHISPER_CACHE") from exc
-    with FileLock(str(final) + ".lock", timeout=1800):
+    lock_path = str(final) + ".lock"
+    try:
+        lock = FileLock(lock_path, timeout=1800).acquire()
+    except Timeout as exc:
+        raise ModelError(
+            f"timed out after 30 min waiting for another process converting into {final};"
+            f" if no conversion is running, delete {lock_path}"
+        ) from exc
+    with lock:
         if _is_complete(final):  # another process converted while we waited
             return final
         if final.exists():  # not ours to trust: incomplete leftover
@@ -661,6 +671,10 @@ def _converted_dir(ct2_dir: Path, name: str, cache_dir: Path | None, model_bin: 
                 "seconds": round(time.time() - started, 3),
             }
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+            # mkdtemp/safetensors create owner-only modes; a node cache may be shared by users.
+            os.chmod(tmp, 0o755)
+            for child in tmp.iterdir():
+                os.chmod(child, 0o644)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -690,12 +704,7 @@ def bundled_model_dir(cache_dir: Path | None = None) -> Path:
 
 def _looks_like_path(model: str) -> bool:
     """True when ``model`` cannot be a hub id ("name" or "org/name") and must be a local path."""
-    return (
-        model.startswith(("/", ".", "~"))
-        or "\\" in model
-        or model.count("/") > 1
-        or not _HUB_ID_RE.match(model)
-    )
+    return model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1 or not _HUB_ID_RE.match(model)
 
 
 def resolve_model(model: str, revision: str | None = None) -> str:
@@ -740,18 +749,22 @@ def resolve_model(model: str, revision: str | None = None) -> str:
     return model
 
 
-def load_whisper(model_path: str, revision: str | None, device: str, dtype: "torch.dtype"):
+def load_whisper(model_path: str, revision: str | None, device: str, dtype: torch.dtype):
     """Return (model, processor) loaded with transformers, eval mode, on device, with attn_implementation='sdpa'
     and the given dtype. Never reaches the network when model_path is a local dir."""
+    import transformers
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     local = Path(model_path).is_dir()
+    # transformers renamed torch_dtype -> dtype in 4.56; support both (pyproject allows >=4.45).
+    major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_kwarg = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     # local_files_only keeps from_pretrained off the network for local dirs; revision only
     # has a meaning for hub ids.
     source_kwargs: dict[str, Any] = {"local_files_only": True} if local else {"revision": revision}
     try:
         model = WhisperForConditionalGeneration.from_pretrained(
-            model_path, dtype=dtype, attn_implementation="sdpa", **source_kwargs
+            model_path, attn_implementation="sdpa", **{dtype_kwarg: dtype}, **source_kwargs
         )
         processor = WhisperProcessor.from_pretrained(model_path, **source_kwargs)
     except OSError as exc:
