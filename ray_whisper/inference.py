@@ -244,6 +244,9 @@ class WhisperDecoder:
         return logits.masked_fill((token_ids < ts)[None, :] & force_ts[:, None], neg)
 
 
+SEEK_SLACK_S = 1.0  # a window whose decoded speech ends this much before its end may have lost words
+
+
 class Transcriber:
     """map_batches callable: loads Whisper once per actor, then turns chunk rows into token rows."""
 
@@ -264,6 +267,39 @@ class Transcriber:
         self.decoder = WhisperDecoder(self.model, self.tokens, options)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
+    def decode(self, feats: np.ndarray, languages: list[str | None], durations: list[float]) -> list[dict[str, Any]]:
+        """Decode windows into segments (start_s, end_s, tokens) relative to each window.
+
+        Whisper often stops at the end of a segment well before the end of its window and drops the
+        rest. As in its own sequential decoding, such a window is decoded again from its last timestamp
+        (once) when there is sound after it; the second pass's segments are appended.
+        """
+        opt = self.options
+        requested = [language_code(lang or opt.language, self.tokens) for lang in languages]
+        results = self.decoder(feats, requested)
+        out = []
+        for r, duration in zip(results, durations):
+            silent = r["no_speech_prob"] > opt.no_speech_threshold and r["avg_logprob"] < opt.logprob_threshold
+            segs = [] if silent else segments_from_tokens(r["tokens"], self.tokens, duration, opt.timestamps)
+            out.append({**r, "segments": segs})
+        if not opt.timestamps:
+            return out
+        seek_rows, seek_feats, seek_from = [], [], []
+        for i, (row, duration) in enumerate(zip(out, durations)):
+            resume = row["segments"][-1][1] if row["segments"] else 0.0
+            if row["segments"] and resume < duration - SEEK_SLACK_S and _has_sound(feats[i], resume, duration):
+                seek_rows.append(i)
+                seek_feats.append(_shift(feats[i], resume))
+                seek_from.append(resume)
+        if seek_rows:
+            again = self.decoder(np.stack(seek_feats), [out[i]["language"] for i in seek_rows])
+            for i, r, resume in zip(seek_rows, again, seek_from):
+                if r["no_speech_prob"] > opt.no_speech_threshold and r["avg_logprob"] < opt.logprob_threshold:
+                    continue
+                extra = segments_from_tokens(r["tokens"], self.tokens, durations[i] - resume, True)
+                out[i]["segments"] += [(resume + s, resume + e, t) for s, e, t in extra]
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch[schema.ID])
         errors = batch[schema.ERROR]
@@ -278,20 +314,17 @@ class Transcriber:
         kinds = list(batch[schema.ERROR_KIND])
         if ok:
             feats = features.from_bytes([batch[schema.FEATURES][i] for i in ok], self.n_mels)
-            requested = [language_code(langs[i] or self.options.language, self.tokens) for i in ok]
+            durations = [(int(batch[schema.END][i]) - int(batch[schema.START][i])) / SAMPLE_RATE for i in ok]
             try:
-                results = self.decoder(feats, requested)
+                results = self.decode(feats, [langs[i] for i in ok], durations)
             except Exception as e:  # a batch-level model failure must not lose rows: report it per window
                 log.exception("model failed on a batch of %d windows", len(ok))
                 for i in ok:
-                    err[i], kinds[i] = f"model failed: {type(e).__name__}: {e}", "model_error"
+                    err[i], kinds[i] = f"{type(e).__name__}: {e}", "model_error"
                 results = []
             for i, r in zip(ok, results):
-                duration = (int(batch[schema.END][i]) - int(batch[schema.START][i])) / SAMPLE_RATE
                 langs[i], no_speech[i], avg_lp[i] = r["language"], r["no_speech_prob"], r["avg_logprob"]
-                if r["no_speech_prob"] > self.options.no_speech_threshold and r["avg_logprob"] < self.options.logprob_threshold:
-                    continue  # silence: Whisper tends to invent a sentence here
-                for s, e, toks in segments_from_tokens(r["tokens"], self.tokens, duration, self.options.timestamps):
+                for s, e, toks in r["segments"]:
                     seg_start[i].append(s)
                     seg_end[i].append(e)
                     out_tokens[i].append(toks)
@@ -313,6 +346,28 @@ class Transcriber:
             schema.ERROR: np.array(err, dtype=object),
             schema.ERROR_KIND: np.array(kinds, dtype=object),
         }
+
+
+FRAMES_PER_S = 100  # mel frames per second (10 ms hop)
+
+
+def _has_sound(feats: np.ndarray, from_s: float, to_s: float) -> bool:
+    """Whether the window's mel frames between two times rise well above the window's quietest level."""
+    level = feats.mean(axis=0)[: int(to_s * FRAMES_PER_S)]
+    tail = level[int(from_s * FRAMES_PER_S) :]
+    if tail.size < 10:
+        return False
+    smooth = np.convolve(tail, np.full(10, 0.1), mode="valid")
+    floor, loud = float(level.min()), float(np.percentile(level, 90))
+    return float(smooth.max()) > floor + 0.5 * (loud - floor)
+
+
+def _shift(feats: np.ndarray, from_s: float) -> np.ndarray:
+    """The window's features from `from_s` on, padded at the end with the level Whisper gives silence."""
+    k = int(round(from_s * FRAMES_PER_S))
+    out = np.full_like(feats, feats.max() - 2.0)  # Whisper floors at 8 log10 units below the peak, scaled by 1/4
+    out[:, : feats.shape[1] - k] = feats[:, k:]
+    return out
 
 
 def segments_from_tokens(tokens: list[int], special: SpecialTokens, duration: float, timestamps: bool):

@@ -126,6 +126,9 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
             merged.extend(segs)
         else:
             overlap = (chunk.start, chunk.start + chunk.stride_left + prev.stride_right)
+            # only the previous window's segments can meet this one; earlier ones are final
+            first = next((k for k, s in enumerate(merged) if s.end > prev.start), len(merged))
+            final, merged = merged[:first], merged[first:]
             left_tokens = [
                 _Token(s.start + (s.end - s.start) * (k + 0.5) / len(s.tokens), t, n)
                 for n, s in enumerate(merged)
@@ -139,7 +142,7 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
                 # the splice fell inside a segment on either side: join the two halves into one segment
                 joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens)
                 head, tail = head[:-1] + [joined], tail[1:]
-            merged = head + tail
+            merged = final + head + tail
         prev = chunk
     return _monotonic(merged)
 

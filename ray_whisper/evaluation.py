@@ -1,0 +1,95 @@
+"""Scoring and test material shared by the tests and the benchmark: WER after Whisper's English
+normalisation, long speech built by concatenating real clips, and in-memory transcription of one array
+with the pipeline's own windows, decoder and merge (no Ray, no I/O)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import SAMPLE_RATE
+
+SPELLING = Path(__file__).parent / "data" / "english_spelling.json"  # Whisper's English spelling map (MIT)
+
+
+@lru_cache(maxsize=1)
+def _normalizer():
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(json.loads(SPELLING.read_text()))
+
+
+def normalize(text: str) -> str:
+    """Whisper's English normalisation (lower case, spelling, numbers, no punctuation)."""
+    return _normalizer()(text)
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(edit distance in words, reference length) after normalisation."""
+    ref, hyp = normalize(reference).split(), normalize(hypothesis).split()
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1], len(ref)
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    """Corpus word error rate: total edits over total reference words."""
+    edits = words = 0
+    for r, h in zip(references, hypotheses, strict=True):
+        e, n = word_errors(r, h)
+        edits, words = edits + e, words + n
+    return edits / max(words, 1)
+
+
+def build_long_speech(
+    clips: list[tuple[np.ndarray, str]], min_seconds: float, seed: int = 0, gaps_s: tuple[float, ...] = (0.0, 0.0, 0.15, 0.4, 1.0, 2.5)
+) -> tuple[np.ndarray, str]:
+    """Concatenate real speech clips in a seeded random order with varied gaps (some none, so that
+    window boundaries fall inside words) until `min_seconds`; returns (audio, reference text)."""
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = []
+    refs: list[str] = []
+    total = 0
+    while total < min_seconds * SAMPLE_RATE:
+        audio, text = clips[int(rng.integers(len(clips)))]
+        gap = np.zeros(int(float(rng.choice(gaps_s)) * SAMPLE_RATE), dtype=np.float32)
+        parts += [audio.astype(np.float32), gap]
+        refs.append(text)
+        total += audio.size + gap.size
+    return np.concatenate(parts), " ".join(refs)
+
+
+def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 8) -> tuple[str, list]:
+    """One waveform through the pipeline's own stages in this process (windows, features, decoder,
+    merge). `transcriber` is an `inference.Transcriber`. Returns (text, segments)."""
+    from . import features
+    from .chunking import ChunkGeometry, iter_windows
+    from .inference import segments_from_tokens
+    from .merge import ChunkResult, TokenSegment, merge_chunks, to_text
+
+    opt = transcriber.options
+    geom = ChunkGeometry.from_seconds(opt.chunk_length_s, opt.stride_length_s, opt.search_length_s)
+    windows = list(iter_windows([audio], geom))
+    chunks = []
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        feats = features.log_mel([a for _, a in group], transcriber.n_mels)
+        results = transcriber.decode(feats, [opt.language] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
+        for (w, _), r in zip(group, results):
+            chunks.append(
+                ChunkResult(
+                    w.index, w.start / SAMPLE_RATE, w.end / SAMPLE_RATE, w.stride_left / SAMPLE_RATE,
+                    w.stride_right / SAMPLE_RATE,
+                    tuple(TokenSegment(s, e, tuple(t)) for s, e, t in r["segments"]),
+                )
+            )
+    tok = transcriber.processor.tokenizer
+    return to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
