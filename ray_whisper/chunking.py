@@ -32,7 +32,7 @@ class ChunkGeometry:
 
     window: int = N_SAMPLES  # longest window; the encoder's input length
     search: int = 8 * SAMPLE_RATE  # the cut is searched in the last `search` samples of a window
-    stride: int = 3 * SAMPLE_RATE  # overlap on each side of a cut that found no pause
+    stride: int = 0  # overlap on each side of a cut that found no pause (0: none)
     pause_db: float = 20.0  # a pause is this far below the window's speech level (90th percentile)
 
     def __post_init__(self) -> None:

@@ -66,8 +66,12 @@ def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
     return tokens, segs
 
 
-def longest_common_run(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, int]:
-    """(i, j, length) of the longest run with a[i:i+length] == b[j:j+length]; later runs in `a` win ties."""
+def longest_common_run(
+    a: Sequence[int], b: Sequence[int], compatible: Callable[[int, int], bool] | None = None
+) -> tuple[int, int, int]:
+    """(i, j, length) of the longest run with a[i:i+length] == b[j:j+length]; later runs in `a` win ties.
+
+    `compatible(i, j)` can veto runs that start at implausible positions (a phrase repeated elsewhere)."""
     best = (0, 0, 0)
     prev = [0] * (len(b) + 1)
     for i in range(1, len(a) + 1):
@@ -75,8 +79,9 @@ def longest_common_run(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, in
         for j in range(1, len(b) + 1):
             if a[i - 1] == b[j - 1]:
                 cur[j] = prev[j - 1] + 1
-                if cur[j] >= best[2]:
-                    best = (i - cur[j], j - cur[j], cur[j])
+                start_i, start_j = i - cur[j], j - cur[j]
+                if cur[j] >= best[2] and (compatible is None or compatible(start_i, start_j)):
+                    best = (start_i, start_j, cur[j])
         prev = cur
     return best
 
@@ -96,7 +101,12 @@ def _splice_points(
     rj = next((k for k, t in enumerate(right) if t.time > hi + right_margin), len(right))
     tail = [t.token for t in left[li:]]
     head = [t.token for t in right[:rj]]
-    i, j, n = longest_common_run(tail, head)
+    # Both windows heard the shared words at the same moment: a run whose two copies are far apart in
+    # time is a phrase repeated elsewhere, not the overlap.
+    tolerance = (hi - lo) + 0.15 * max(spans)
+    i, j, n = longest_common_run(
+        tail, head, lambda a, b: abs(left[li + a].time - right[b].time) <= tolerance
+    )
     if n >= MIN_MATCH:
         half = n // 2
         return li + i + half, j + half

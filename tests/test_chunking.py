@@ -9,7 +9,7 @@ from ray_whisper.audio import N_SAMPLES, SAMPLE_RATE
 from ray_whisper.chunking import ChunkGeometry, find_cut, iter_windows, plan_windows
 
 SR = SAMPLE_RATE
-GEOM = ChunkGeometry()
+GEOM = ChunkGeometry(stride=3 * SR)
 
 
 def tone(seconds: float, amp: float = 0.3, freq: float = 220.0, seed: int = 0) -> np.ndarray:

@@ -43,9 +43,16 @@ def test_overlap_words_appear_once():
 
 def test_boundary_inside_a_word_is_not_doubled_or_dropped():
     # the cut went through "fox": window 0 heard "fox" whole, window 1 heard a fragment it misread as "far"
-    a = chunk(0, 0.0, 30.0, 0, 3.0, (0.0, 30.0, "the quick brown fox jumps over"))
-    b = chunk(1, 24.0, 50.0, 3.0, 0, (0.0, 26.0, "far brown fox jumps over lazy dog"))
+    a = chunk(0, 0.0, 30.0, 0, 3.0, (20.0, 30.0, "the quick brown fox jumps over"))
+    b = chunk(1, 24.0, 50.0, 3.0, 0, (0.0, 8.0, "far brown fox jumps over lazy dog"))
     assert words(merge_chunks([a, b])) == "the quick brown fox jumps over lazy dog"
+
+
+def test_a_phrase_repeated_far_from_the_overlap_is_not_taken_for_it():
+    # "brown fox jumps" also occurs 15 s before the overlap; aligning there would drop the middle
+    a = chunk(0, 0.0, 30.0, 0, 3.0, (0.0, 4.0, "over lazy dog"), (11.0, 13.0, "brown fox jumps"), (26.0, 30.0, "and then"))
+    b = chunk(1, 24.0, 50.0, 3.0, 0, (2.0, 4.0, "and then"), (5.0, 12.0, "brown fox jumps far away"))
+    assert words(merge_chunks([a, b])) == "over lazy dog brown fox jumps and then brown fox jumps far away"
 
 
 def test_no_common_run_falls_back_to_the_cut_time():
