@@ -16,21 +16,38 @@ from .audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 FEATURE_DTYPE = np.float16
 
 
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
+    mel = hz / (200.0 / 3)
+    log_region = hz >= 1000.0
+    return np.where(log_region, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0), mel)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    hz = mel * (200.0 / 3)
+    return np.where(mel >= 15.0, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0)), hz)
+
+
+def mel_filter_bank(n_mels: int) -> np.ndarray:
+    """Triangular Slaney-normalised filters from 0 to 8 kHz over the STFT bins: (n_mels, 1 + N_FFT // 2).
+
+    The same bank Whisper was trained with (librosa's defaults); written here so that decode workers need
+    numpy and torch only, not transformers."""
+    freqs = np.linspace(0.0, SAMPLE_RATE / 2, 1 + N_FFT // 2)
+    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.array(0.0)), _hz_to_mel(np.array(SAMPLE_RATE / 2)), n_mels + 2))
+    widths = np.diff(edges)
+    ramps = edges[:, None] - freqs[None, :]
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    bank = np.maximum(0.0, np.minimum(rising, falling))
+    return bank * (2.0 / (edges[2:] - edges[:-2]))[:, None]
+
+
 @lru_cache(maxsize=4)
 def _mel_filters(n_mels: int):
     import torch
-    from transformers.audio_utils import mel_filter_bank
 
-    bank = mel_filter_bank(
-        num_frequency_bins=1 + N_FFT // 2,
-        num_mel_filters=n_mels,
-        min_frequency=0.0,
-        max_frequency=SAMPLE_RATE / 2,
-        sampling_rate=SAMPLE_RATE,
-        norm="slaney",
-        mel_scale="slaney",
-    )
-    return torch.from_numpy(bank.T.astype(np.float32)).contiguous()  # (n_mels, n_freqs)
+    return torch.from_numpy(mel_filter_bank(n_mels).astype(np.float32)).contiguous()
 
 
 def log_mel(windows: list[np.ndarray], n_mels: int) -> np.ndarray:

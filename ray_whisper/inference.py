@@ -44,12 +44,15 @@ class SpecialTokens:
         return bool(self.languages)
 
 
-def special_tokens(tokenizer: Any, generation_config: Any, vocab_size: int) -> SpecialTokens:
-    """Find Whisper's control tokens from the tokenizer and generation config of any checkpoint."""
+def special_tokens(token_to_id: Any, generation: dict[str, Any], vocab_size: int) -> SpecialTokens:
+    """Find Whisper's control tokens for any checkpoint.
+
+    `token_to_id(str) -> int | None` looks a token up (None when unknown); `generation` is the
+    checkpoint's generation_config.json as a dict ({} when it has none)."""
 
     def tok(name: str) -> int | None:
-        i = tokenizer.convert_tokens_to_ids(name)
-        return None if i is None or i == tokenizer.unk_token_id else int(i)
+        i = token_to_id(name)
+        return None if i is None else int(i)
 
     no_ts = tok("<|notimestamps|>")
     if no_ts is None:
@@ -57,34 +60,41 @@ def special_tokens(tokenizer: Any, generation_config: Any, vocab_size: int) -> S
     multilingual = vocab_size >= 51865  # English-only vocabularies are 51864 tokens
     languages: dict[str, int] = {}
     if multilingual:
-        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+        from .languages import LANGUAGE_CODES
 
-        lang_to_id = getattr(generation_config, "lang_to_id", None) or {}
+        lang_to_id = generation.get("lang_to_id") or {}
         languages = {k.strip("<|>"): int(v) for k, v in lang_to_id.items()}
         if not languages:
-            languages = {code: i for code in LANGUAGES if (i := tok(f"<|{code}|>")) is not None}
+            languages = {code: i for code in LANGUAGE_CODES if (i := tok(f"<|{code}|>")) is not None}
     no_speech = tok("<|nospeech|>") or tok("<|nocaptions|>") or no_ts - 1
     return SpecialTokens(
-        eot=int(tokenizer.convert_tokens_to_ids("<|endoftext|>")),
-        sot=int(tokenizer.convert_tokens_to_ids("<|startoftranscript|>")),
+        eot=_required(tok, "<|endoftext|>"),
+        sot=_required(tok, "<|startoftranscript|>"),
         no_timestamps=no_ts,
         timestamp_begin=no_ts + 1,  # true of every Whisper vocabulary, whether or not the tokenizer lists them
         no_speech=no_speech,
-        transcribe=int(tokenizer.convert_tokens_to_ids("<|transcribe|>")),
-        translate=int(tokenizer.convert_tokens_to_ids("<|translate|>")),
+        transcribe=_required(tok, "<|transcribe|>"),
+        translate=_required(tok, "<|translate|>"),
         languages=languages,
-        suppress=tuple(getattr(generation_config, "suppress_tokens", None) or ()),
-        suppress_at_begin=tuple(getattr(generation_config, "begin_suppress_tokens", None) or ()),
+        suppress=tuple(generation.get("suppress_tokens") or ()),
+        suppress_at_begin=tuple(generation.get("begin_suppress_tokens") or ()),
     )
+
+
+def _required(tok: Any, name: str) -> int:
+    i = tok(name)
+    if i is None:
+        raise ValueError(f"tokenizer has no {name} token: this is not a Whisper tokenizer")
+    return i
 
 
 def language_code(language: str | None, tokens: SpecialTokens) -> str | None:
     """Normalise 'English' / 'en' to 'en'; raise ValueError naming the choices for an unknown language."""
     if language is None:
         return None
-    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+    from .languages import LANGUAGE_NAMES
 
-    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+    code = LANGUAGE_NAMES.get(language.lower(), language.lower())
     if not tokens.multilingual:
         if code != "en":
             raise ValueError(f"language {language!r} needs a multilingual model; this one is English-only")
@@ -250,7 +260,7 @@ SEEK_SLACK_S = 1.0  # a window whose decoded speech ends this much before its en
 class Transcriber:
     """map_batches callable: loads Whisper once per actor, then turns chunk rows into token rows."""
 
-    def __init__(self, model_path: str, options: TranscribeOptions, n_mels: int):
+    def __init__(self, model_path: str, options: TranscribeOptions, n_mels: int, cpu_threads: int | None = None):
         import torch
 
         from .model import load_whisper
@@ -259,11 +269,15 @@ class Transcriber:
         self.n_mels = n_mels
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
-            torch.set_num_threads(max(1, math.ceil(options.cpus_per_actor)))
+            torch.set_num_threads(cpu_threads or max(1, math.ceil(options.cpus_per_actor)))
         dtype = resolve_dtype(options.dtype, self.device)
         self.model, self.processor = load_whisper(model_path, options.revision, self.device, dtype)
         tok = self.processor.tokenizer
-        self.tokens = special_tokens(tok, self.model.generation_config, self.model.config.vocab_size)
+        self.tokens = special_tokens(
+            tok.backend_tokenizer.token_to_id,
+            self.model.generation_config.to_dict(),
+            self.model.config.vocab_size,
+        )
         self.decoder = WhisperDecoder(self.model, self.tokens, options)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 

@@ -773,3 +773,29 @@ def load_whisper(model_path: str, revision: str | None, device: str, dtype: torc
     model.to(device)
     model.eval()
     return model, processor
+
+
+def model_files(model_path: str, revision: str | None = None) -> tuple[dict, dict, str]:
+    """(config.json, generation_config.json or {}, tokenizer.json text) of a resolved model, read without
+    importing transformers: the driver checks options against them in well under a second."""
+    names = ("config.json", "generation_config.json", "tokenizer.json")
+    local = Path(model_path)
+    texts: dict[str, str | None] = {}
+    for name in names:
+        if local.is_dir():
+            f = local / name
+            texts[name] = f.read_text(encoding="utf-8") if f.is_file() else None
+        else:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                texts[name] = Path(hf_hub_download(model_path, name, revision=revision)).read_text(encoding="utf-8")
+            except Exception as exc:  # missing optional file, or the hub unreachable
+                if name == "generation_config.json":
+                    texts[name] = None
+                    continue
+                raise ModelError(f"cannot fetch {name} of model {model_path!r} (revision {revision}): {exc}") from exc
+    if texts["config.json"] is None or texts["tokenizer.json"] is None:
+        raise ModelError(f"model {model_path!r} lacks config.json or tokenizer.json (a fast Whisper tokenizer)")
+    generation = json.loads(texts["generation_config.json"]) if texts["generation_config.json"] else {}
+    return json.loads(texts["config.json"]), generation, texts["tokenizer.json"]

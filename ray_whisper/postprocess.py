@@ -15,10 +15,11 @@ from .merge import ChunkResult, TokenSegment, merge_chunks, to_text
 
 
 @lru_cache(maxsize=2)
-def _tokenizer(model_path: str, revision: str | None):
-    from transformers import AutoTokenizer
+def _tokenizer(tokenizer_json: str):
+    # the bare `tokenizers` library: merge workers never import transformers (seconds per process)
+    import tokenizers
 
-    return AutoTokenizer.from_pretrained(model_path, revision=revision)
+    return tokenizers.Tokenizer.from_str(tokenizer_json)
 
 
 def _row(batch: dict[str, np.ndarray], i: int, model_name: str, **fields: Any) -> dict[str, Any]:
@@ -38,8 +39,10 @@ def _row(batch: dict[str, np.ndarray], i: int, model_name: str, **fields: Any) -
     return base
 
 
-def merge_file(batch: dict[str, np.ndarray], model_path: str, revision: str | None, model_name: str) -> pa.Table:
-    """map_groups function: one file's token rows (any order) -> one output row."""
+def merge_file(batch: dict[str, np.ndarray], tokenizer_json: str, model_name: str) -> pa.Table:
+    """map_groups function: one file's token rows (any order) -> one output row.
+
+    `tokenizer_json` is the model's serialized fast tokenizer, used to turn merged token ids into text."""
     n = len(batch[schema.ID])
     order = np.argsort(batch[schema.CHUNK_INDEX], kind="stable")
     errors = [(batch[schema.ERROR_KIND][i], batch[schema.ERROR][i]) for i in order if _present(batch[schema.ERROR][i])]
@@ -67,7 +70,7 @@ def merge_file(batch: dict[str, np.ndarray], model_path: str, revision: str | No
                 segments=segs,
             )
         )
-    tok = _tokenizer(model_path, revision)
+    tok = _tokenizer(tokenizer_json)
     text, segments = to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     warning = errors[0][1] if errors else None
     return _table(
