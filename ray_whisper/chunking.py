@@ -24,6 +24,7 @@ from .audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 ENERGY_FRAME = HOP_LENGTH  # 10 ms frames for the loudness profile
 PAUSE_FRAMES = 10  # a pause is judged over 100 ms: shorter dips happen inside words
 LOUDNESS_FLOOR_DB = -80.0  # digital silence has -inf dB; clamp so arithmetic stays finite
+SILENT_WINDOW_DB = -60.0  # a window whose loudest 100 ms stays below this holds nothing audible
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ def loudness_db(audio: np.ndarray) -> np.ndarray:
     k = min(PAUSE_FRAMES, n)
     smoothed = np.convolve(power, np.full(k, 1.0 / k), mode="same")
     return np.maximum(10.0 * np.log10(smoothed + 1e-12), LOUDNESS_FLOOR_DB)
+
+
+def is_silent(window_audio: np.ndarray) -> bool:
+    """Nothing audible in the window. Whisper invents text ("you") for digital silence with a no-speech
+    probability that its own thresholds do not catch, so such windows are not decoded at all."""
+    return float(loudness_db(window_audio).max()) < SILENT_WINDOW_DB
 
 
 def find_cut(window_audio: np.ndarray, geom: ChunkGeometry) -> tuple[int, bool]:

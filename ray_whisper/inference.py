@@ -317,7 +317,8 @@ class Transcriber:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch[schema.ID])
         errors = batch[schema.ERROR]
-        ok = [i for i in range(n) if not isinstance(errors[i], str)]  # null arrives as None or NaN
+        # null arrives as None or NaN; windows without features were found silent by the decode stage
+        ok = [i for i in range(n) if not isinstance(errors[i], str) and len(batch[schema.FEATURES][i])]
         out_tokens: list[list[list[int]]] = [[] for _ in range(n)]
         seg_start: list[list[float]] = [[] for _ in range(n)]
         seg_end: list[list[float]] = [[] for _ in range(n)]

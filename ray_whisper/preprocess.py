@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from . import features, schema
 from .audio import AudioError, DecodeError, decode_stream, fetch_bytes
-from .chunking import ChunkGeometry, Window, iter_windows
+from .chunking import ChunkGeometry, Window, is_silent, iter_windows
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -82,8 +82,9 @@ def file_to_chunks(
 
     def flush(last: bool) -> None:
         nonlocal emitted
-        feats = features.log_mel([a for _, a in pending], n_mels)
-        for (w, _), f in zip(pending, feats):
+        audible = [not is_silent(a) for _, a in pending]
+        feats = iter(features.log_mel([a for (_, a), keep in zip(pending, audible) if keep], n_mels))
+        for (w, _), keep in zip(pending, audible):
             out.add(
                 **base,
                 chunk_index=w.index,
@@ -92,7 +93,7 @@ def file_to_chunks(
                 end=w.end,
                 stride_left=w.stride_left,
                 stride_right=w.stride_right,
-                features=features.to_bytes(f),
+                features=features.to_bytes(next(feats)) if keep else b"",  # empty: silent, not decoded
                 error=notes[0] if (w.is_last and notes) else None,
                 error_kind="warning" if (w.is_last and notes) else None,
             )

@@ -1,0 +1,57 @@
+"""Shared fixtures: one local Ray instance for the whole session, real speech, the real model once."""
+
+from __future__ import annotations
+
+import json
+import os
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+REFS = json.loads((DATA / "refs.json").read_text())
+
+# Ray's workers must not fight pytest's process for the 2 cores with extra threads.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = 16_000) -> Path:
+    """16-bit PCM mono WAV with the standard library (no encoder needed)."""
+    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_clips() -> list[tuple[np.ndarray, str]]:
+    """Real speech with exact references: jfk.flac, and the English half of multilingual.mp3."""
+    from ray_whisper.audio import SAMPLE_RATE, decode_all
+
+    jfk = decode_all((DATA / "jfk.flac").read_bytes())
+    mit = decode_all((DATA / "multilingual.mp3").read_bytes())[: int(29.5 * SAMPLE_RATE)]  # German starts at 31 s
+    return [(jfk, REFS["jfk.flac"]["text"]), (mit, REFS["multilingual.mp3"]["text_en"])]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance shared by every test that needs Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> str:
+    """The offline default model, converted once into the user's cache (as a user's first run does)."""
+    from ray_whisper.model import bundled_model_dir
+
+    return str(bundled_model_dir())
