@@ -7,8 +7,12 @@ Inside a job, RAY_ADDRESS points at the cluster, so the run joins it instead of 
 """
 
 import sys
+from pathlib import Path
 
-from ray_whisper.cli import main
+# With --working-dir the package travels as source: make it importable even where it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_whisper.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
