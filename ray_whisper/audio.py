@@ -47,13 +47,15 @@ class NoAudioError(AudioError):
 
 
 def fetch_bytes(uri: str, filesystem: Any = None) -> bytes:
-    """Read a whole object. `filesystem` is an fsspec filesystem (shared by driver and workers) or None,
-    in which case the URI's protocol picks one. Errors become FetchError with the cause chained."""
+    """Read a whole object. `filesystem` is the run's fsspec filesystem for the URI's protocol (shared
+    options on driver and workers) or None to let fsspec pick one. Errors become FetchError, cause chained."""
     import fsspec
+
+    from .storage import redact, strip
 
     try:
         if filesystem is not None:
-            with filesystem.open(strip_protocol(uri, filesystem), "rb") as f:
+            with filesystem.open(strip(uri, filesystem), "rb") as f:
                 return f.read()
         with fsspec.open(uri, "rb") as f:
             return f.read()
@@ -64,12 +66,7 @@ def fetch_bytes(uri: str, filesystem: Any = None) -> bytes:
     except IsADirectoryError as e:
         raise FetchError(f"is a directory, not an audio file: {uri}") from e
     except Exception as e:  # network and store errors vary by backend; keep the reason on one line
-        raise FetchError(f"could not read {uri}: {type(e).__name__}: {_one_line(e)}") from e
-
-
-def strip_protocol(uri: str, filesystem: Any) -> str:
-    """fsspec filesystems want paths without their own protocol (s3://b/k -> b/k)."""
-    return filesystem._strip_protocol(uri)
+        raise FetchError(f"could not read {uri}: {type(e).__name__}: {redact(_one_line(e))}") from e
 
 
 def decode_stream(data: bytes, *, piece_samples: int = N_SAMPLES) -> Iterator[np.ndarray]:

@@ -82,6 +82,17 @@ class TranscribeOptions:
         4, "Manifest rows per decode task; smaller spreads decoding wider, larger cuts overhead.", "resources"
     )
 
+    # the run
+    retry_errors: bool = _opt(
+        False, "Rerun the files whose rows in OUTPUT_DIR ended in error (a rerun always skips rows that are ok).",
+        "run",
+    )
+    overwrite: bool = _opt(False, "Delete the results already in OUTPUT_DIR and start over.", "run")
+    allow_partial: bool = _opt(
+        False, "Exit 0 even when some files failed (their rows say why). Default: exit 1 if any row is an error.",
+        "run",
+    )
+
     def __post_init__(self) -> None:
         _check(self.beam_size >= 1, "--beam-size must be >= 1")
         _check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")

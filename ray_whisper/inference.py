@@ -172,7 +172,10 @@ class WhisperDecoder:
                 logits = model.proj_out(out.last_hidden_state[:, -1]).float()
             else:
                 logits = sot_logits
-            tokens, sum_logprob = self._greedy(logits, enc, cache)
+            if self.opt.beam_size > 1:
+                tokens, sum_logprob = self._beam(x, enc, languages)
+            else:
+                tokens, sum_logprob = self._greedy(logits, enc, cache)
         results = []
         for i in range(bsz):
             n = max(len(tokens[i]), 1)
@@ -227,6 +230,33 @@ class WhisperDecoder:
         seqs = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
         tokens = [s[: s.index(t.eot)] if t.eot in s else s for s in seqs]
         return tokens, sum_logprob.tolist()
+
+    def _beam(self, x: Any, enc: Any, languages: list[str]) -> tuple[list[list[int]], list[float]]:
+        """Beam search through transformers' generate(), one call per language in the batch; the
+        log-probability of each chosen sequence is then scored by one teacher-forced decoder pass."""
+        import torch
+
+        t = self.t
+        tokens: list[list[int]] = [[] for _ in languages]
+        sum_logprob = [0.0] * len(languages)
+        for lang in sorted(set(languages)):
+            rows = [i for i, l in enumerate(languages) if l == lang]
+            kwargs: dict[str, Any] = {"language": lang, "task": self.opt.task} if t.multilingual else {}
+            seqs = self.model.generate(
+                x[rows], num_beams=self.opt.beam_size, return_timestamps=self.opt.timestamps,
+                max_new_tokens=self.opt.max_new_tokens, **kwargs,
+            )
+            prompt = self.prompt(lang)
+            for k, i in enumerate(rows):
+                # keep text and timestamps; drop the prompt and other control tokens
+                kept = [tok for tok in seqs[k].tolist() if tok < t.eot or tok >= t.timestamp_begin]
+                tokens[i] = kept
+                ids = torch.tensor([prompt + kept + [t.eot]], device=self.device)
+                out = self.model.model.decoder(input_ids=ids[:, :-1], encoder_hidden_states=enc[i : i + 1])
+                logprobs = self.model.proj_out(out.last_hidden_state).float().log_softmax(-1)[0]
+                targets = ids[0, len(prompt) :]
+                sum_logprob[i] = float(logprobs[len(prompt) - 1 :].gather(1, targets[:, None]).sum())
+        return tokens, sum_logprob
 
     def _timestamp_rules(self, logits, step, last_was_ts, penult_was_ts, last_ts, ts_index, neg):
         """Whisper's rules: timestamps in pairs, never decreasing, first one within 1 s, and text is

@@ -65,7 +65,9 @@ def _read(uri: str, fmt: str, filesystem: Any) -> pa.Table:
     if filesystem is None:
         filesystem, path = fsspec.core.url_to_fs(uri)
     else:
-        path = filesystem._strip_protocol(uri)
+        from .storage import strip
+
+        path = strip(uri, filesystem)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 

@@ -6,7 +6,6 @@ mistake fails in a second, before any worker starts.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,10 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import schema
+from . import schema, storage
 from .chunking import ChunkGeometry
 from .config import ConfigError, TranscribeOptions
 from .manifest import read_manifest
+from .storage import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,13 @@ def plan_resources(options: TranscribeOptions, cluster: dict[str, float], node_c
     gpus = float(cluster.get("GPU", 0))
     gpus_per_actor = options.gpus_per_actor if options.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
     if gpus_per_actor > 0 and gpus == 0:
-        raise ConfigError(f"--gpus-per-actor {gpus_per_actor} asks for GPUs, but the cluster has none")
+        # An autoscaling cluster starts GPU nodes for pending actors; it must be told the pool size.
+        if options.max_actors is None:
+            raise ConfigError(
+                f"--gpus-per-actor {gpus_per_actor} asks for GPUs, but the cluster has none (on an autoscaling "
+                "cluster whose GPU nodes start at zero, also give --max-actors)"
+            )
+        log.warning("the cluster has no GPU yet: model actors wait until the autoscaler adds GPU nodes")
     if options.max_actors is not None:
         max_actors = options.max_actors
     elif gpus_per_actor > 0:
@@ -74,14 +80,33 @@ class Prepared:
     model_path: str
     n_mels: int
     tokenizer_json: str  # serialized fast tokenizer, so the merge stage needs no transformers
+    storage: StorageOptions
 
 
-def prepare(manifest: str, options: TranscribeOptions) -> Prepared:
+def split_options(
+    options: TranscribeOptions | None, storage_options: StorageOptions | None, overrides: dict[str, Any]
+) -> tuple[TranscribeOptions, StorageOptions]:
+    """Apply keyword overrides to whichever option object owns each name; unknown names are an error."""
+    import dataclasses
+
+    options = options or TranscribeOptions()
+    storage_options = storage_options or StorageOptions()
+    mine = {f.name for f in dataclasses.fields(TranscribeOptions)}
+    theirs = {f.name for f in dataclasses.fields(StorageOptions)}
+    unknown = set(overrides) - mine - theirs
+    if unknown:
+        raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}; see `ray-whisper transcribe --help`")
+    options = options.replace(**{k: v for k, v in overrides.items() if k in mine})
+    storage_options = dataclasses.replace(storage_options, **{k: v for k, v in overrides.items() if k in theirs})
+    return options, storage_options
+
+
+def prepare(manifest: str, options: TranscribeOptions, storage_options: StorageOptions | None = None) -> Prepared:
     """Driver-side checks and resolution that need no cluster: manifest, model, language."""
     from .inference import language_code, special_tokens
     from .model import model_files, resolve_model
 
-    table = read_manifest(manifest)
+    table = read_manifest(manifest, storage.filesystem(manifest, storage_options))
     model_path = resolve_model(options.model, options.revision)
     config, generation, tokenizer_json = model_files(model_path, options.revision)
     import tokenizers
@@ -96,10 +121,15 @@ def prepare(manifest: str, options: TranscribeOptions) -> Prepared:
         raise ConfigError(str(e)) from e
     if options.task == "translate" and not tokens.multilingual:
         raise ConfigError(f"--task translate needs a multilingual model; {options.model} is English-only")
-    return Prepared(table, model_path, int(config.get("num_mel_bins", 80)), tokenizer_json)
+    return Prepared(table, model_path, int(config.get("num_mel_bins", 80)), tokenizer_json, storage_options or StorageOptions())
 
 
-def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
+def build_dataset(
+    manifest: str | Prepared,
+    options: TranscribeOptions | None = None,
+    storage_options: StorageOptions | None = None,
+    **overrides: Any,
+):
     """The lazy Ray Dataset of output rows (schema.OUTPUT_SCHEMA), one per manifest row, for users who
     compose their own pipeline. Nothing runs until the dataset is consumed."""
     import ray
@@ -109,8 +139,8 @@ def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = 
     from .postprocess import merge_file
     from .preprocess import chunk_batch
 
-    options = (options or TranscribeOptions()).replace(**overrides) if overrides else (options or TranscribeOptions())
-    prepared = manifest if isinstance(manifest, Prepared) else prepare(manifest, options)
+    options, storage_options = split_options(options, storage_options, overrides)
+    prepared = manifest if isinstance(manifest, Prepared) else prepare(manifest, options, storage_options)
     connect()
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options, ray.cluster_resources(), node_cpus)
@@ -121,7 +151,7 @@ def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = 
     files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     chunks = files.map_batches(
         chunk_batch,
-        fn_kwargs={"geom": geom, "n_mels": prepared.n_mels},
+        fn_kwargs={"geom": geom, "n_mels": prepared.n_mels, "storage_options": prepared.storage},
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=1,
@@ -160,6 +190,7 @@ class Summary:
     wall_s: float
     output: str
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0  # rows already done by an earlier run (resume)
 
     @property
     def rtfx(self) -> float:
@@ -174,6 +205,7 @@ class Summary:
             "wall_s": round(self.wall_s, 2),
             "rtfx": round(self.rtfx, 2),
             "errors_by_kind": self.errors_by_kind,
+            "skipped_already_done": self.skipped,
             "output": self.output,
         }
 
@@ -183,38 +215,75 @@ class Summary:
             f"audio: {self.audio_s / 3600:.3f} h ({self.audio_s:.1f} s)   wall: {self.wall_s:.1f} s   "
             f"real-time factor: {self.rtfx:.1f}x",
         ]
+        if self.skipped:
+            lines.append(f"resumed: {self.skipped} file(s) were already done and were skipped")
         if self.errors_by_kind:
             lines.append("errors: " + ", ".join(f"{k}={v}" for k, v in sorted(self.errors_by_kind.items())))
         lines.append(f"output: {self.output}")
         return "\n".join(lines)
 
 
-def summarize(table: pa.Table, wall_s: float, output: str) -> Summary:
+def summarize(table: pa.Table, wall_s: float, output: str, run_id: str = "", skipped: int = 0) -> Summary:
+    """Counts over the whole output; audio seconds and throughput over the rows this run wrote."""
     ok = [s == schema.STATUS_OK for s in table["status"].to_pylist()]
     kinds: dict[str, int] = {}
     for good, err in zip(ok, table[schema.ERROR].to_pylist()):
         if not good:
             kind = (err or "unknown").split(":", 1)[0]
             kinds[kind] = kinds.get(kind, 0) + 1
-    audio_s = sum(d or 0.0 for d, good in zip(table["duration_s"].to_pylist(), ok) if good)
-    return Summary(sum(ok), len(ok) - sum(ok), audio_s, wall_s, output, kinds)
+    this_run = (
+        [f"part-{run_id}-" in p for p in table["_part"].to_pylist()] if run_id and "_part" in table.column_names
+        else [True] * table.num_rows
+    )
+    audio_s = sum(d or 0.0 for d, good, mine in zip(table["duration_s"].to_pylist(), ok, this_run) if good and mine)
+    return Summary(sum(ok), len(ok) - sum(ok), audio_s, wall_s, output, kinds, skipped)
 
 
-def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:
+def transcribe(
+    manifest: str,
+    output: str,
+    options: TranscribeOptions | None = None,
+    storage_options: StorageOptions | None = None,
+    **overrides: Any,
+) -> Summary:
     """Transcribe every row of `manifest` into Parquet under `output`; returns the run's summary.
 
-    Options are TranscribeOptions fields, given as an object or as keywords (`batch_size=16`).
+    Options are TranscribeOptions / StorageOptions fields, as objects or as keywords (`batch_size=16`).
+    Rows already in `output` with status ok are skipped (resume); see output.py for the layout.
     """
-    import pyarrow.parquet as pq
+    from .output import OutputDir, new_run_id
 
     started = time.perf_counter()
-    options = (options or TranscribeOptions()).replace(**overrides) if overrides else (options or TranscribeOptions())
-    prepared = prepare(manifest, options)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ds = build_dataset(prepared, options)
-    ds.write_parquet(str(out_dir))
-    result = pq.read_table(str(out_dir), schema=schema.OUTPUT_SCHEMA)
-    summary = summarize(result, time.perf_counter() - started, str(out_dir))
-    (out_dir / "_SUMMARY.json").write_text(json.dumps(summary.as_dict(), indent=2))
-    return summary
+    options, storage_options = split_options(options, storage_options, overrides)
+    prepared = prepare(manifest, options, storage_options)
+    out = OutputDir.open(output, storage_options)
+    todo = out.begin(prepared.manifest, overwrite=options.overwrite, retry_errors=options.retry_errors)
+    run_id = new_run_id()
+    skipped = prepared.manifest.num_rows - todo.num_rows
+    if skipped:
+        log.info("resuming: %d of %d rows already in %s", skipped, prepared.manifest.num_rows, output)
+    if todo.num_rows:
+        ds = build_dataset(Prepared(todo, prepared.model_path, prepared.n_mels, prepared.tokenizer_json, storage_options), options)
+        ds.write_parquet(
+            out.root,
+            filesystem=storage.arrow_filesystem(out.fs),
+            filename_provider=_PartNames(run_id),
+        )
+    wall = time.perf_counter() - started
+    provisional = summarize(out.scan(["status", schema.ERROR, "duration_s"]), wall, output, run_id)
+    table = out.finish(prepared.manifest, run_id, options.model, provisional.as_dict())
+    return summarize(table, wall, output, run_id, skipped)
+
+
+class _PartNames:
+    """part-<run>-<write uuid>-<task>.parquet: one run's files sort together and never collide with
+    another run's (Ray requires the write uuid in the name when appending to a directory)."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{self.run_id}-{write_uuid}-{task_index:06}.parquet"
+
+    def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
+        return self.get_filename_for_task(write_uuid, task_index)

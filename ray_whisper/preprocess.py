@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import features, schema
+from . import features, schema, storage
 from .audio import AudioError, DecodeError, decode_stream, fetch_bytes
 from .chunking import ChunkGeometry, Window, is_silent, iter_windows
+from .storage import StorageOptions
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -125,13 +126,16 @@ def _add_error(out: _Collector, base: dict[str, Any], kind: str, message: str, e
     )
 
 
-def chunk_batch(batch: pa.Table, geom: ChunkGeometry, n_mels: int, filesystem: Any = None) -> Iterator[pa.Table]:
+def chunk_batch(
+    batch: pa.Table, geom: ChunkGeometry, n_mels: int, storage_options: StorageOptions | None = None
+) -> Iterator[pa.Table]:
     """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready."""
     import torch
 
     torch.set_num_threads(1)  # one decode task per CPU; torch must not fan out across the node
     out = _Collector()
     for row in batch.to_pylist():
-        yield from file_to_chunks(row, geom, n_mels, filesystem, out)
+        fs = storage.filesystem(row[schema.AUDIO], storage_options)
+        yield from file_to_chunks(row, geom, n_mels, fs, out)
     if len(out):
         yield out.take()

@@ -37,6 +37,9 @@ NON_DEFAULT = {
     "gpus_per_actor": 0.5,
     "cpus_per_actor": 2.0,
     "files_per_task": 8,
+    "retry_errors": True,
+    "overwrite": True,
+    "allow_partial": True,
 }
 
 

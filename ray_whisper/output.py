@@ -1,0 +1,171 @@
+"""The output directory: Parquet parts written by the workers, resume across runs, and a commit marker.
+
+Layout of OUTPUT_DIR (local or object storage):
+
+    part-<run>-<task>.parquet   rows written by the workers of one run, immutable once complete
+    _SUCCESS                    JSON summary, written last; present only when every manifest row has a row
+
+A run first removes `_SUCCESS` (the table is about to change), deletes part files that cannot be read
+(a run killed mid-write), and skips manifest rows already present. So a rerun of the same command
+processes only what is missing, and a run killed half-way, then rerun, ends with exactly one row per
+manifest row. Readers that need a complete table check `_SUCCESS` (`read_results` does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema, storage
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+PART_PREFIX = "part-"
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be used; raised on the driver before any audio is decoded."""
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+@dataclass
+class OutputDir:
+    uri: str
+    fs: Any
+    root: str  # the directory as the filesystem names it
+
+    @classmethod
+    def open(cls, uri: str, options: storage.StorageOptions | None = None) -> "OutputDir":
+        fs = storage.filesystem(uri, options)
+        return cls(uri.rstrip("/"), fs, storage.strip(uri, fs).rstrip("/"))
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def check_writable(self) -> None:
+        """Create the directory and write, then delete, a probe object: fails fast on a missing bucket,
+        denied access or a wrong endpoint."""
+        probe = self.path(f"_probe-{secrets.token_hex(4)}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ray_whisper write check\n")
+            self.fs.rm(probe)
+        except Exception as e:
+            raise OutputError(
+                f"output {self.uri} is not writable: {type(e).__name__}: {storage.redact(' '.join(str(e).split()))[:300]}. "
+                "Check that the bucket/directory exists, the credentials allow writing, and the endpoint is right."
+            ) from e
+
+    def parts(self) -> list[str]:
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.rsplit("/", 1)[-1].startswith(PART_PREFIX) and n.endswith(".parquet"))
+
+    def _read_part(self, path: str, columns: list[str] | None) -> pa.Table | None:
+        try:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns, schema=schema.OUTPUT_SCHEMA)
+        except (pa.ArrowInvalid, OSError, ValueError):
+            return None
+
+    def scan(self, columns: list[str] | None = None, remove_broken: bool = False) -> pa.Table:
+        """All rows of the readable part files, with the part's path in a `_part` column."""
+        tables = []
+        for path in self.parts():
+            table = self._read_part(path, columns)
+            if table is None:
+                if remove_broken:
+                    log.warning("removing unreadable part %s (left by a run that stopped mid-write)", path)
+                    self.fs.rm(path)
+                continue
+            tables.append(table.append_column("_part", pa.array([path] * table.num_rows, pa.string())))
+        if not tables:
+            cols = [schema.OUTPUT_SCHEMA.field(c) for c in (columns or schema.OUTPUT_SCHEMA.names)]
+            return pa.schema(cols + [pa.field("_part", pa.string())]).empty_table()
+        return pa.concat_tables(tables)
+
+    def begin(self, manifest: pa.Table, *, overwrite: bool, retry_errors: bool) -> pa.Table:
+        """Prepare the directory for a run; return the manifest rows that still need a result."""
+        self.check_writable()
+        if self.fs.exists(self.path(SUCCESS)):
+            self.fs.rm(self.path(SUCCESS))
+        if overwrite:
+            for path in self.parts():
+                self.fs.rm(path)
+        existing = self.scan([schema.ID, "status"], remove_broken=True)
+        wanted = manifest[schema.ID]
+        if retry_errors:
+            retry = pc.and_(pc.equal(existing["status"], schema.STATUS_ERROR), pc.is_in(existing[schema.ID], wanted))
+            self._drop_rows(existing.filter(retry))
+            existing = existing.filter(pc.invert(retry))
+        done = pc.is_in(wanted, existing[schema.ID])
+        stray = existing.num_rows - int(pc.sum(pc.is_in(existing[schema.ID], wanted)).as_py() or 0)
+        if stray:
+            log.warning("%d row(s) in %s belong to no row of this manifest; they are kept", stray, self.uri)
+        return manifest.filter(pc.invert(done))
+
+    def _drop_rows(self, rows: pa.Table) -> None:
+        """Rewrite the parts holding `rows` without them (write the new file, then remove the old)."""
+        for path in set(rows["_part"].to_pylist()):
+            table = self._read_part(path, None)
+            if table is None:
+                continue
+            drop = pc.is_in(table[schema.ID], rows.filter(pc.equal(rows["_part"], path))[schema.ID])
+            kept = table.filter(pc.invert(drop))
+            if kept.num_rows:
+                new = path[: -len(".parquet")] + f"-r{secrets.token_hex(2)}.parquet"
+                with self.fs.open(new, "wb") as f:
+                    pq.write_table(kept, f)
+            self.fs.rm(path)
+
+    def finish(self, manifest: pa.Table, run_id: str, model_name: str, summary: dict[str, Any]) -> pa.Table:
+        """Give every manifest row without a row an error row, then write `_SUCCESS`. Returns the table."""
+        present = self.scan([schema.ID])
+        missing = manifest.filter(pc.invert(pc.is_in(manifest[schema.ID], present[schema.ID])))
+        if missing.num_rows:
+            log.error("%d manifest row(s) came back from no worker; writing error rows for them", missing.num_rows)
+            rows = [
+                {
+                    schema.ID: r[schema.ID], schema.AUDIO: r[schema.AUDIO], "num_chunks": 0, "model": model_name,
+                    "status": schema.STATUS_ERROR,
+                    schema.ERROR: "lost: no result came back from the cluster (worker or node lost); rerun to retry",
+                }
+                for r in missing.to_pylist()
+            ]
+            with self.fs.open(self.path(f"{PART_PREFIX}{run_id}-lost.parquet"), "wb") as f:
+                pq.write_table(pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA), f)
+        table = self.scan()
+        ids = table[schema.ID]
+        if len(pc.unique(ids)) != len(ids):
+            log.error("duplicate ids in %s: a reader would see some files twice", self.uri)
+        with self.fs.open(self.path(SUCCESS), "wb") as f:
+            f.write(json.dumps(summary, indent=2).encode())
+        return table
+
+
+class IncompleteOutputError(RuntimeError):
+    """The output has no _SUCCESS marker: its run did not finish, rows may be missing."""
+
+
+def read_results(output: str, options: storage.StorageOptions | None = None) -> pa.Table:
+    """The complete output table of a finished run, one row per manifest row; raises
+    IncompleteOutputError when the run that wrote it did not finish."""
+    out = OutputDir.open(output, options)
+    if not out.fs.exists(out.path(SUCCESS)):
+        raise IncompleteOutputError(f"{output} has no {SUCCESS}: its run did not finish; rerun the same command to complete it")
+    return out.scan().drop_columns(["_part"])

