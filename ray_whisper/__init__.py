@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ConfigError, TranscribeOptions
+from .storage import StorageOptions
 
-__all__ = ["ConfigError", "Summary", "TranscribeOptions", "build_dataset", "transcribe"]
+__all__ = ["ConfigError", "StorageOptions", "Summary", "TranscribeOptions", "build_dataset", "read_results", "transcribe"]
 __version__ = "0.1.0"
 
 
@@ -29,6 +30,13 @@ def build_dataset(manifest: str, options: TranscribeOptions | None = None, **ove
     from .pipeline import build_dataset as _build
 
     return _build(manifest, options, **overrides)
+
+
+def read_results(output: str, storage_options: StorageOptions | None = None):
+    """The output table of a finished run (one row per manifest row); raises if the run did not finish."""
+    from .output import read_results as _read
+
+    return _read(output, storage_options)
 
 
 def __getattr__(name: str) -> Any:
