@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -46,31 +47,70 @@ class NoAudioError(AudioError):
     kind = "no_audio"
 
 
+def _fetch_errors(uri: str):
+    """Translate storage exceptions into FetchError with a one-line, secret-free reason."""
+    from contextlib import contextmanager
+
+    from .storage import redact
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except AudioError:
+            raise
+        except FileNotFoundError as e:
+            raise FetchError(f"not found: {uri}") from e
+        except PermissionError as e:
+            raise FetchError(f"access denied: {uri}") from e
+        except IsADirectoryError as e:
+            raise FetchError(f"is a directory, not an audio file: {uri}") from e
+        except Exception as e:  # network and store errors vary by backend; keep the reason on one line
+            raise FetchError(f"could not read {uri}: {type(e).__name__}: {redact(_one_line(e))}") from e
+
+    return guard()
+
+
+def _open(uri: str, filesystem: Any) -> tuple[Any, int]:
+    import fsspec
+
+    from .storage import strip
+
+    with _fetch_errors(uri):
+        if filesystem is None:
+            filesystem, path = fsspec.core.url_to_fs(uri)
+        else:
+            path = strip(uri, filesystem)
+        if filesystem.isdir(path):
+            raise IsADirectoryError(path)
+        f = filesystem.open(path, "rb")
+        size = getattr(f, "size", None)
+        return f, filesystem.size(path) if size is None else size
+
+
 def fetch_bytes(uri: str, filesystem: Any = None) -> bytes:
     """Read a whole object. `filesystem` is the run's fsspec filesystem for the URI's protocol (shared
     options on driver and workers) or None to let fsspec pick one. Errors become FetchError, cause chained."""
-    import fsspec
-
-    from .storage import redact, strip
-
-    try:
-        if filesystem is not None:
-            with filesystem.open(strip(uri, filesystem), "rb") as f:
-                return f.read()
-        with fsspec.open(uri, "rb") as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise FetchError(f"not found: {uri}") from e
-    except PermissionError as e:
-        raise FetchError(f"access denied: {uri}") from e
-    except IsADirectoryError as e:
-        raise FetchError(f"is a directory, not an audio file: {uri}") from e
-    except Exception as e:  # network and store errors vary by backend; keep the reason on one line
-        raise FetchError(f"could not read {uri}: {type(e).__name__}: {redact(_one_line(e))}") from e
+    f, _ = _open(uri, filesystem)
+    with f, _fetch_errors(uri):
+        return f.read()
 
 
-def decode_stream(data: bytes, *, piece_samples: int = N_SAMPLES) -> Iterator[np.ndarray]:
-    """Decode any container PyAV reads, downmixed to mono and resampled to 16 kHz.
+@contextmanager
+def open_audio(uri: str, filesystem: Any = None) -> Iterator[Any]:
+    """A seekable binary file object for the URI, read lazily (block by block on object stores), so a long
+    file is never held in memory whole. A missing or denied object raises FetchError, an empty one
+    NoAudioError."""
+    f, size = _open(uri, filesystem)
+    with f:
+        if size == 0:
+            raise NoAudioError("empty file (0 bytes)")
+        yield f
+
+
+def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Iterator[np.ndarray]:
+    """Decode any container PyAV reads (bytes, or a seekable binary file object), downmixed to mono and
+    resampled to 16 kHz.
 
     Yields float32 arrays of about `piece_samples` samples (the last may be shorter). Raises DecodeError or
     NoAudioError; a stream that breaks part-way raises DecodeError after yielding what decoded cleanly, and
@@ -78,10 +118,12 @@ def decode_stream(data: bytes, *, piece_samples: int = N_SAMPLES) -> Iterator[np
     """
     import av
 
-    if not data:
-        raise NoAudioError("empty file (0 bytes)")
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise NoAudioError("empty file (0 bytes)")
+        source = io.BytesIO(source)
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(source, mode="r")
     except Exception as e:
         raise DecodeError(f"not a readable audio/video container: {_one_line(e)}") from e
     with container:

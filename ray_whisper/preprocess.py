@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import features, schema, storage
-from .audio import AudioError, DecodeError, decode_stream, fetch_bytes
+from .audio import AudioError, DecodeError, decode_stream, open_audio
 from .chunking import ChunkGeometry, Window, is_silent, iter_windows
 from .storage import StorageOptions
 
@@ -102,13 +102,13 @@ def file_to_chunks(
         pending.clear()
 
     try:
-        data = fetch_bytes(row[schema.AUDIO], filesystem)
-        for window, samples in iter_windows(_safe_pieces(decode_stream(data), notes), geom):
-            pending.append((window, samples))
-            if len(pending) >= 8:
-                flush(last=False)
-                if len(out) >= WINDOWS_PER_BLOCK:
-                    yield out.take()
+        with open_audio(row[schema.AUDIO], filesystem) as f:
+            for window, samples in iter_windows(_safe_pieces(decode_stream(f), notes), geom):
+                pending.append((window, samples))
+                if len(pending) >= 8:
+                    flush(last=False)
+                    if len(out) >= WINDOWS_PER_BLOCK:
+                        yield out.take()
         if emitted + len(pending) == 0:
             raise DecodeError("no audio samples decoded")
         flush(last=True)
