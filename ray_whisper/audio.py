@@ -60,13 +60,13 @@ def _fetch_errors(uri: str):
         except AudioError:
             raise
         except FileNotFoundError as e:
-            raise FetchError(f"not found: {uri}") from e
+            raise FetchError(f"not found: {redact(uri)}") from e
         except PermissionError as e:
-            raise FetchError(f"access denied: {uri}") from e
+            raise FetchError(f"access denied: {redact(uri)}") from e
         except IsADirectoryError as e:
-            raise FetchError(f"is a directory, not an audio file: {uri}") from e
+            raise FetchError(f"is a directory, not an audio file: {redact(uri)}") from e
         except Exception as e:  # network and store errors vary by backend; keep the reason on one line
-            raise FetchError(f"could not read {uri}: {type(e).__name__}: {redact(_one_line(e))}") from e
+            raise FetchError(f"could not read {redact(uri)}: {type(e).__name__}: {redact(_one_line(e))}") from e
 
     return guard()
 
@@ -81,7 +81,8 @@ def _open(uri: str, filesystem: Any) -> tuple[Any, int]:
             filesystem, path = fsspec.core.url_to_fs(uri)
         else:
             path = strip(uri, filesystem)
-        if filesystem.isdir(path):
+        # info, not isdir: on S3 isdir lists the bucket, which a reader with only s3:GetObject may not do
+        if filesystem.info(path).get("type") == "directory":
             raise IsADirectoryError(path)
         f = filesystem.open(path, "rb")
         size = getattr(f, "size", None)

@@ -14,7 +14,10 @@ Transcribe every audio file listed in MANIFEST with Whisper on a Ray cluster (th
 else a local one) and write one Parquet row per manifest row under OUTPUT_DIR.
 
 MANIFEST is a .csv, .jsonl or .parquet file with an 'audio' column (path or URI; relative paths are
-relative to the manifest) and optional 'id' and 'language' columns.
+relative to the manifest) and optional 'id' and 'language' columns; or a folder/prefix ending in '/',
+or a quoted glob ('s3://bucket/calls/**/*.mp3'), whose audio files become the rows (id = the path below
+the folder). MANIFEST, the audio and OUTPUT_DIR may be local paths or URLs (s3://, gs://, ...).
+S3 credentials come from the usual AWS environment variables or profiles, never from flags.
 """
 
 
@@ -27,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument("manifest", metavar="MANIFEST", help="manifest file (.csv / .jsonl / .parquet)")
-    t.add_argument("output", metavar="OUTPUT_DIR", help="directory that receives the Parquet files")
+    t.add_argument("manifest", metavar="MANIFEST", help="manifest file (.csv / .jsonl / .parquet), folder/prefix ending in /, or quoted glob")
+    t.add_argument("output", metavar="OUTPUT_DIR", help="directory or URL prefix (s3://bucket/out/) that receives the Parquet files")
     config.add_arguments(t)
     config.add_arguments(t, StorageOptions)
     return parser

@@ -1,13 +1,24 @@
 """Read and check the manifest on the driver, before any worker starts.
 
 A manifest is CSV, JSON Lines or Parquet (chosen by extension) with a required `audio` column and optional
-`id` and `language` columns. Problems are ManifestErrors whose message names the file and what to fix.
+`id` and `language` columns. It may also be a listing of audio files instead of a file:
+
+- a folder or prefix ending in `/` (`s3://bucket/calls/`, `data/calls/`): every file below it, at any
+  depth, whose extension is a known audio/video one (AUDIO_EXTENSIONS; other files are skipped);
+- a glob (`s3://bucket/calls/**/*.mp3`, `data/*/*.wav`; `*`, `?`, `[...]`, `**` for any depth): every
+  file that matches, whatever its extension.
+
+A listing's rows are sorted by key; `audio` is each file's full URI (a local path for local files), `id` is
+its path relative to the listing's root (the folder/prefix, or the part of a glob before its first
+wildcard), e.g. `2024/01/call-17.mp3`: readable, unique, and stable across runs as long as the same
+root is listed. `language` is empty. Problems are ManifestErrors whose message names the file and what to fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -16,20 +27,45 @@ import pyarrow.compute as pc
 from . import schema
 
 FORMATS = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+LISTING = "listing"  # manifest_format of a folder/prefix ending in "/" or a glob
+# what a folder/prefix listing keeps: extensions PyAV decodes that are audio or carry an audio track
+AUDIO_EXTENSIONS = (
+    ".wav", ".wave", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".aif", ".aiff",
+    ".amr", ".ac3", ".caf", ".au", ".spx", ".mka", ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".3gp",
+)
+_GLOB = re.compile(r"[*?\[]")
 
 
 class ManifestError(ValueError):
     """The manifest cannot be used as given; raised on the driver before the run starts."""
 
 
+def is_listing(uri: str) -> bool:
+    """A folder/prefix ending in "/" or a glob: the audio files it names rather than a manifest file.
+    HTTP(S) URLs are never listings (they cannot be listed, and '?' starts their query)."""
+    from .storage import protocol
+
+    if protocol(uri) in ("http", "https"):
+        return False
+    return uri.endswith("/") or bool(_GLOB.search(uri))
+
+
 def manifest_format(uri: str) -> str:
+    """csv, json or parquet by extension; LISTING for a folder/prefix ending in "/" or a glob."""
+    if is_listing(uri):
+        return LISTING
+    return _file_format(uri)
+
+
+def _file_format(uri: str) -> str:
     name = posixpath.basename(uri.rstrip("/")).lower()
     for ext in sorted(FORMATS, key=len, reverse=True):
         if name.endswith(ext) or name.endswith(ext + ".gz"):
             return FORMATS[ext]
     raise ManifestError(
         f"cannot tell the format of manifest {uri}: name it .csv, .jsonl or .parquet "
-        f"(known extensions: {', '.join(sorted(FORMATS))})"
+        f"(known extensions: {', '.join(sorted(FORMATS))}); to transcribe every audio file under a folder or "
+        f"prefix, end it with '/' ({uri.rstrip('/')}/), or give a quoted glob such as '{uri.rstrip('/')}/**/*.mp3'"
     )
 
 
@@ -39,14 +75,24 @@ def stable_id(audio: str) -> str:
 
 
 def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
-    """Read, check and normalise a manifest into a table with string columns id, audio, language."""
+    """Read, check and normalise a manifest (a file, or a listing: see the module doc) into a table with
+    string columns id, audio, language."""
     fmt = manifest_format(uri)
+    if fmt == LISTING:
+        if filesystem is None:
+            import fsspec
+
+            filesystem = fsspec.core.url_to_fs(uri)[0]
+        literal = _literal_manifest_file(uri, filesystem)
+        if literal is None:
+            return _list_audio(uri, filesystem)
+        fmt = literal  # a manifest file whose name holds [, ? or *
     try:
         table = _read(uri, fmt, filesystem)
     except FileNotFoundError as e:
         raise ManifestError(f"manifest not found: {uri}") from e
     except PermissionError as e:
-        raise ManifestError(f"manifest not readable (access denied): {uri}") from e
+        raise ManifestError(f"manifest not readable (access denied; check the credentials): {uri}") from e
     except UnicodeDecodeError as e:
         raise ManifestError(f"manifest {uri} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
     except pa.ArrowInvalid as e:
@@ -56,7 +102,79 @@ def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
         raise ManifestError(f"manifest {uri} is not valid {fmt.upper()}: {_short(text)}") from e
     except OSError as e:
         raise ManifestError(f"could not read manifest {uri}: {_short(str(e))}") from e
+    except Exception as e:  # store clients raise their own types (botocore's EndpointConnectionError...)
+        from .storage import describe_error
+
+        raise ManifestError(f"could not read manifest {uri}: {describe_error(e)}") from e
     return normalise(table, uri)
+
+
+def _literal_manifest_file(uri: str, filesystem: Any) -> str | None:
+    """The format of `uri` when it names an existing manifest file despite looking like a glob."""
+    if uri.endswith("/"):
+        return None
+    try:
+        fmt = _file_format(uri)
+    except ManifestError:
+        return None
+    from .storage import strip
+
+    try:
+        return fmt if filesystem.isfile(strip(uri, filesystem)) else None
+    except Exception:
+        return None
+
+
+def _list_audio(uri: str, filesystem: Any) -> pa.Table:
+    """The rows of a folder/prefix or glob listing: sorted files, id = path relative to the root."""
+    from .storage import describe_error, protocol, strip
+
+    local = protocol(uri) == "file"
+    glob = bool(_GLOB.search(uri))
+    path = strip(uri, filesystem)
+    if glob:
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+        root = "/".join(parts[:first])
+    else:
+        root = path.rstrip("/")
+    try:
+        if glob:
+            found = filesystem.glob(path, detail=True)
+        else:
+            found = filesystem.find(root, detail=True)
+    except FileNotFoundError as e:
+        raise ManifestError(f"cannot list {uri}: the bucket or folder does not exist") from e
+    except PermissionError as e:
+        raise ManifestError(f"cannot list {uri}: access denied (listing needs s3:ListBucket or the like)") from e
+    except Exception as e:
+        raise ManifestError(f"cannot list {uri}: {describe_error(e)}") from e
+    files = sorted(name for name, info in found.items() if info.get("type") == "file")
+    skipped = 0
+    if not glob:
+        audio = [f for f in files if f.lower().endswith(AUDIO_EXTENSIONS)]
+        skipped = len(files) - len(audio)
+        files = audio
+    if not files and glob:
+        raise ManifestError(f"no files match the manifest glob {uri}")
+    if not files:
+        why = f"; {skipped} file(s) without an audio extension were skipped (a glob such as " \
+              f"'{uri}**/*.ext' takes any extension)" if skipped else ""
+        raise ManifestError(f"no audio files under {uri} (it is empty or does not exist{why})")
+    prefix = root.rstrip("/") + "/" if root else ""
+    ids = [f.removeprefix(prefix) for f in files]
+    if local:
+        audio_uris = files
+    else:
+        scheme = protocol(uri)
+        audio_uris = [f"{scheme}://{f.lstrip('/')}" for f in files]
+    return pa.table(
+        {
+            schema.ID: pa.array(ids, pa.string()),
+            schema.AUDIO: pa.array(audio_uris, pa.string()),
+            schema.LANGUAGE: pa.nulls(len(files), pa.string()),
+        }
+    )
 
 
 def _read(uri: str, fmt: str, filesystem: Any) -> pa.Table:
@@ -139,16 +257,23 @@ def normalise(table: pa.Table, uri: str) -> pa.Table:
 
 
 def _resolve_relative(audio: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedArray:
-    """Relative paths are relative to the manifest's folder, so a manifest travels with its audio."""
+    """Relative paths are relative to the manifest's folder, so a manifest travels with its audio: next
+    to s3://bucket/lists/m.csv, `a.wav` is s3://bucket/lists/a.wav and `../audio/b.wav` s3://bucket/audio/b.wav."""
     base = posixpath.dirname(manifest_uri)
     if "://" not in manifest_uri:
         import os
 
         base = os.path.dirname(os.path.abspath(manifest_uri))
+
     def resolve(a: str | None) -> str | None:
         if not a or "://" in a or a.startswith("/"):
             return a
-        return posixpath.normpath(posixpath.join(base, a)) if "://" not in base else f"{base}/{a}"
+        if "://" not in base:
+            return posixpath.normpath(posixpath.join(base, a))
+        scheme, rest = base.split("://", 1)  # rest starts with the bucket: keep it, normalise the key
+        bucket, _, key = rest.partition("/")
+        joined = posixpath.normpath(posixpath.join("/", key, a)).lstrip("/")
+        return f"{scheme}://{bucket}/{joined}"
 
     return pa.chunked_array([pa.array([resolve(a) for a in audio.to_pylist()], pa.string())])
 
@@ -158,4 +283,6 @@ def _first_data_row(uri: str) -> int:
 
 
 def _short(text: str) -> str:
-    return " ".join(text.split())[:300]
+    from .storage import redact
+
+    return redact(" ".join(text.split()))[:300]

@@ -59,13 +59,14 @@ class OutputDir:
         denied access or a wrong endpoint."""
         probe = self.path(f"_probe-{secrets.token_hex(4)}")
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if not storage.is_object_store(self.uri):  # s3fs' makedirs would create a missing (mistyped) bucket
+                self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as f:
                 f.write(b"ray_whisper write check\n")
             self.fs.rm(probe)
         except Exception as e:
             raise OutputError(
-                f"output {self.uri} is not writable: {type(e).__name__}: {storage.redact(' '.join(str(e).split()))[:300]}. "
+                f"output {self.uri} is not writable: {storage.describe_error(e)}. "
                 "Check that the bucket/directory exists, the credentials allow writing, and the endpoint is right."
             ) from e
 

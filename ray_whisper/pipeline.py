@@ -98,15 +98,20 @@ def split_options(
         raise ConfigError(f"unknown option(s): {', '.join(sorted(unknown))}; see `ray-whisper transcribe --help`")
     options = options.replace(**{k: v for k, v in overrides.items() if k in mine})
     storage_options = dataclasses.replace(storage_options, **{k: v for k, v in overrides.items() if k in theirs})
-    return options, storage_options
+    return options, storage_options.resolved()  # endpoint/region from the driver's env, for every worker
 
 
-def prepare(manifest: str, options: TranscribeOptions, storage_options: StorageOptions | None = None) -> Prepared:
-    """Driver-side checks and resolution that need no cluster: manifest, model, language."""
+def prepare(
+    manifest: str, options: TranscribeOptions, storage_options: StorageOptions | None = None, output: Any = None
+) -> Prepared:
+    """Driver-side checks and resolution that need no cluster: manifest, output (an OutputDir, checked
+    writable before the model is fetched, so a wrong bucket fails in seconds), model, language."""
     from .inference import language_code, special_tokens
     from .model import model_files, resolve_model
 
     table = read_manifest(manifest, storage.filesystem(manifest, storage_options))
+    if output is not None:
+        output.check_writable()
     model_path = resolve_model(options.model, options.revision)
     config, generation, tokenizer_json = model_files(model_path, options.revision)
     import tokenizers
@@ -255,8 +260,8 @@ def transcribe(
 
     started = time.perf_counter()
     options, storage_options = split_options(options, storage_options, overrides)
-    prepared = prepare(manifest, options, storage_options)
     out = OutputDir.open(output, storage_options)
+    prepared = prepare(manifest, options, storage_options, out)
     todo = out.begin(prepared.manifest, overwrite=options.overwrite, retry_errors=options.retry_errors)
     run_id = new_run_id()
     skipped = prepared.manifest.num_rows - todo.num_rows

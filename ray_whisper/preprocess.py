@@ -115,7 +115,7 @@ def file_to_chunks(
     except AudioError as e:
         _add_error(out, base, e.kind, str(e), emitted)
     except Exception as e:  # anything unexpected in one file stays that file's problem
-        _add_error(out, base, "internal_error", f"{type(e).__name__}: {e}", emitted)
+        _add_error(out, base, "internal_error", f"{type(e).__name__}: {storage.redact(str(e))}", emitted)
 
 
 def _add_error(out: _Collector, base: dict[str, Any], kind: str, message: str, emitted: int) -> None:

@@ -8,12 +8,15 @@ through our options, logs or errors.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .config import _opt
+from .config import ConfigError, _opt
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,32 @@ class StorageOptions:
         None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS, or "
         "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).", "storage", "URL",
     )
-    s3_region: str | None = _opt(None, "S3 region (default: AWS_REGION / the profile's region).", "storage")
+    s3_region: str | None = _opt(
+        None, "S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region).", "storage"
+    )
     s3_profile: str | None = _opt(None, "AWS profile name from ~/.aws (default: AWS_PROFILE).", "storage")
     s3_anonymous: bool = _opt(False, "Read public buckets without credentials.", "storage")
+
+    def __post_init__(self) -> None:
+        url = self.s3_endpoint_url
+        if url is not None:
+            if re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)?[^/@]*@", url):
+                raise ConfigError(
+                    "--s3-endpoint-url must not hold credentials (user:password@); set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment instead"
+                )
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigError(f"--s3-endpoint-url must be an http:// or https:// URL such as http://127.0.0.1:9000; got {url!r}")
+
+    def resolved(self) -> StorageOptions:
+        """These options with the endpoint and region the environment gives (AWS_ENDPOINT_URL_S3,
+        AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION) written in, so that the workers, whose
+        environment may differ from the driver's, talk to the same endpoint and region. Credentials are
+        deliberately not resolved: each process finds them itself (env, profile, instance role)."""
+        env = os.environ
+        endpoint = self.s3_endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        region = self.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return dataclasses.replace(self, s3_endpoint_url=endpoint, s3_region=region)
 
 
 def protocol(uri: str) -> str:
@@ -35,29 +61,56 @@ def protocol(uri: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+S3_PROTOCOLS = ("s3", "s3a")
+# Stores without real directories: nothing to create before writing, and creating one would create a bucket.
+OBJECT_STORE_PROTOCOLS = S3_PROTOCOLS + ("gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+# The environment that decides which credentials and endpoint a process uses: a cached filesystem is
+# reused only while these are unchanged (a notebook that switches AWS_PROFILE gets a new one).
+_AWS_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
+)
+
+
+def is_object_store(uri: str) -> bool:
+    return protocol(uri) in OBJECT_STORE_PROTOCOLS
+
+
 def filesystem(uri: str, storage: StorageOptions | None = None) -> Any:
-    """The fsspec filesystem for `uri` under `storage` (cached per process)."""
-    return _filesystem(protocol(uri), storage or StorageOptions())
+    """The fsspec filesystem for `uri` under `storage` (cached per process and AWS environment)."""
+    proto = protocol(uri)
+    env = _env_token() if proto in S3_PROTOCOLS else ""
+    return _filesystem(proto, storage or StorageOptions(), env)
+
+
+def _env_token() -> str:
+    """A digest of the AWS environment (the cache key holds no secret in clear)."""
+    values = "\0".join(f"{name}={os.environ.get(name, '')}" for name in _AWS_ENV)
+    return hashlib.sha256(values.encode()).hexdigest()
 
 
 @lru_cache(maxsize=16)
-def _filesystem(proto: str, storage: StorageOptions) -> Any:
+def _filesystem(proto: str, storage: StorageOptions, env_token: str) -> Any:
     import fsspec
 
-    if proto in ("s3", "s3a"):
-        import os
-
+    if proto in S3_PROTOCOLS:
         import s3fs
 
+        storage = storage.resolved()
         kwargs: dict[str, Any] = {"anon": storage.s3_anonymous}
-        endpoint = storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            kwargs["endpoint_url"] = endpoint
+        if storage.s3_endpoint_url:
+            kwargs["endpoint_url"] = storage.s3_endpoint_url
         if storage.s3_profile:
             kwargs["profile"] = storage.s3_profile
         if storage.s3_region:
             kwargs["client_kwargs"] = {"region_name": storage.s3_region}
-        return s3fs.S3FileSystem(**kwargs)
+        # No listings cache: other processes (Ray's write tasks, other runs) change the prefixes this
+        # process lists, and a stale listing would hide parts or _SUCCESS. Only these non-secret kwargs
+        # travel when the filesystem is pickled to Ray's write tasks; each process finds the credentials
+        # itself. skip_instance_cache: this function is the cache, keyed on the environment too.
+        kwargs["use_listings_cache"] = False
+        return s3fs.S3FileSystem(skip_instance_cache=True, **kwargs)
     if proto == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
     return fsspec.filesystem(proto)
@@ -66,8 +119,6 @@ def _filesystem(proto: str, storage: StorageOptions) -> Any:
 def strip(uri: str, fs: Any) -> str:
     """The path the filesystem wants (s3://b/k -> b/k; a local path made absolute)."""
     if protocol(uri) == "file":
-        import os
-
         return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
     return fs._strip_protocol(uri)
 
@@ -83,17 +134,35 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"
 
 
 def redact(text: str) -> str:
-    """Remove secrets from a message: the values of the AWS secret variables of this process, and
-    anything written as secret=..., signature=... (signed URLs)."""
-    import os
-
+    """Remove secrets from a message: the values of the AWS secret variables of this process, the
+    password of a URL (scheme://user:password@host), and anything written as secret=..., signature=...
+    (signed URLs)."""
     for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 8:
             text = text.replace(value, "***")
+    text = re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
     return re.sub(
         r"(?i)(secret[_-]?(access[_-]?)?key|secret|password|token|signature|x-amz-signature|x-amz-credential|"
         r"x-amz-security-token)(['\"]?\s*[=:]\s*['\"]?)([^&\s'\",}]+)",
         r"\1\3***",
         text,
     )
+
+
+def describe_error(e: BaseException) -> str:
+    """One secret-free line saying why a storage call failed, with the usual cause first."""
+    name = type(e).__name__
+    detail = redact(" ".join(str(e).split()))[:300] or name
+    if isinstance(e, FileNotFoundError):
+        cause = "not found (no such bucket, prefix or file)"
+    elif isinstance(e, PermissionError):
+        cause = "access denied (check the credentials and the bucket's policy)"
+    elif "NoCredentials" in name or "PartialCredentials" in name:
+        cause = ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                 "or --s3-anonymous for public buckets)")
+    elif any(word in name for word in ("Connect", "Endpoint", "Timeout")) or isinstance(e, (ConnectionError, TimeoutError)):
+        cause = "cannot reach the storage endpoint (check --s3-endpoint-url / AWS_ENDPOINT_URL and the network)"
+    else:
+        cause = "storage error"
+    return f"{cause}: {name}: {detail}"

@@ -17,6 +17,23 @@ REFS = json.loads((DATA / "refs.json").read_text())
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_configure(config):
+    """Fake AWS credentials for the whole session: tests/test_s3.py talks only to a local moto server.
+    Set here because Ray's local workers inherit the environment of the process that starts Ray (the
+    `ray_session` fixture), as a cluster's workers get theirs from the nodes' environment or instance role;
+    a developer's real credentials, profile or endpoint are hidden so that no test can reach a real account.
+    The secret is random per session; test_s3.py checks that it never shows up in output, logs or Parquet."""
+    import secrets
+
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(name, None)
+    os.environ["AWS_ACCESS_KEY_ID"] = "AKIAMOTOTESTKEY00000"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "moto-test-secret-" + secrets.token_hex(12)
+    os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = "us-east-1"
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
 def write_wav(path: Path, audio: np.ndarray, rate: int = 16_000) -> Path:
     """16-bit PCM mono WAV with the standard library (no encoder needed)."""
     pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
