@@ -123,6 +123,8 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         if not source:
             raise NoAudioError("empty file (0 bytes)")
         source = io.BytesIO(source)
+    else:
+        source = _Anonymous(source)
     try:
         container = av.open(source, mode="r")
     except Exception as e:
@@ -159,6 +161,34 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
             raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {_one_line(error)}") from error
         if total == 0:
             raise NoAudioError("the audio stream holds no samples")
+
+
+class _Anonymous(io.RawIOBase):
+    """A read-only view of a file object without its name: PyAV would otherwise trust the extension
+    ("notes.txt renamed .flac" decodes as an empty FLAC stream) instead of probing the bytes."""
+
+    def __init__(self, f: Any):
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, b: Any) -> int:
+        data = self._f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 def decode_all(data: bytes) -> np.ndarray:

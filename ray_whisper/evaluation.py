@@ -72,7 +72,6 @@ def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 
     merge). `transcriber` is an `inference.Transcriber`. Returns (text, segments)."""
     from . import features
     from .chunking import ChunkGeometry, iter_windows
-    from .inference import segments_from_tokens
     from .merge import ChunkResult, TokenSegment, merge_chunks, to_text
 
     opt = transcriber.options

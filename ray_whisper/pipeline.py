@@ -10,8 +10,8 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -140,7 +140,6 @@ def build_dataset(
     import ray
     import ray.data
 
-    from .inference import Transcriber
     from .postprocess import merge_file
     from .preprocess import chunk_batch
 
@@ -154,15 +153,37 @@ def build_dataset(
     table = prepared.manifest
     step = options.files_per_task
     files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
-    chunks = files.map_batches(
-        chunk_batch,
-        fn_kwargs={"geom": geom, "n_mels": prepared.n_mels, "storage_options": prepared.storage},
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=1,
-        max_retries=3,
+    # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
+    # its rows come back from no worker and output.finish() gives them `lost` error rows.
+    ray.data.DataContext.get_current().max_errored_blocks = -1
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;
+        # they are set explicitly so that fault tolerance does not depend on defaults that may change.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        chunks = files.map_batches(
+            chunk_batch,
+            fn_kwargs={"geom": geom, "n_mels": prepared.n_mels, "storage_options": prepared.storage},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=1,
+            max_retries=3,  # a decode worker that dies (OOM kill, node loss) is retried on another
+        )
+        tokens = _model_stage(chunks, prepared, options, res)
+    # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule
+    partitions = max(1, min(table.num_rows, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
+        merge_file,
+        fn_kwargs={"tokenizer_json": prepared.tokenizer_json, "model_name": options.model},
+        batch_format="numpy",
     )
-    tokens = chunks.map_batches(
+
+
+def _model_stage(chunks: Any, prepared: Prepared, options: TranscribeOptions, res: Resources) -> Any:
+    import ray.data
+
+    from .inference import Transcriber
+
+    return chunks.map_batches(
         Transcriber,
         fn_constructor_kwargs={
             "model_path": prepared.model_path, "options": options, "n_mels": prepared.n_mels,
@@ -173,15 +194,8 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
-    # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule
-    partitions = max(1, min(table.num_rows, 2 * int(ray.cluster_resources().get("CPU", 1))))
-    return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
-        merge_file,
-        fn_kwargs={"tokenizer_json": prepared.tokenizer_json, "model_name": options.model},
-        batch_format="numpy",
+        max_restarts=-1,  # a dead model actor is replaced...
+        max_task_retries=-1,  # ...and the batches it held are retried on the pool
     )
 
 
