@@ -295,8 +295,8 @@ def transcribe(
 
 
 class _PartNames:
-    """part-<run>-<write uuid>-<task>.parquet: one run's files sort together and never collide with
-    another run's (Ray requires the write uuid in the name when appending to a directory)."""
+    """part-<run>-<write uuid>-<task>[-<n>].parquet (Ray appends -<n>): one run's files sort together and
+    never collide with another run's (Ray requires the write uuid in the name when appending)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
