@@ -81,7 +81,7 @@ def file_to_chunks(
     pending: list[tuple[Window, np.ndarray]] = []
     emitted = 0
 
-    def flush(last: bool) -> None:
+    def flush() -> None:
         nonlocal emitted
         audible = [not is_silent(a) for _, a in pending]
         feats = iter(features.log_mel([a for (_, a), keep in zip(pending, audible) if keep], n_mels))
@@ -89,7 +89,7 @@ def file_to_chunks(
             out.add(
                 **base,
                 chunk_index=w.index,
-                is_last=w.is_last and last,
+                is_last=w.is_last,
                 start=w.start,
                 end=w.end,
                 stride_left=w.stride_left,
@@ -106,12 +106,12 @@ def file_to_chunks(
             for window, samples in iter_windows(_safe_pieces(decode_stream(f), notes), geom):
                 pending.append((window, samples))
                 if len(pending) >= 8:
-                    flush(last=False)
+                    flush()
                     if len(out) >= WINDOWS_PER_BLOCK:
                         yield out.take()
         if emitted + len(pending) == 0:
             raise DecodeError("no audio samples decoded")
-        flush(last=True)
+        flush()
     except AudioError as e:
         _add_error(out, base, e.kind, str(e), emitted)
     except Exception as e:  # anything unexpected in one file stays that file's problem
