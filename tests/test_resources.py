@@ -1,0 +1,71 @@
+"""plan_resources: the actor pool and batch size chosen for a cluster (pure, no Ray)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ray_whisper.config import ConfigError, TranscribeOptions
+from ray_whisper.pipeline import plan_resources
+
+
+def plan(cluster, node_cpus=None, **options):
+    return plan_resources(TranscribeOptions(**options), cluster, node_cpus)
+
+
+def test_cpu_only_cluster_runs_one_cpu_actor_with_the_node_cores():
+    res = plan({"CPU": 2.0}, [2.0])
+    assert (res.gpus_per_actor, res.min_actors, res.max_actors) == (0.0, 1, 1)
+    assert res.batch_size == 8 and res.cpus_per_actor == 1.0
+    assert res.cpu_threads == 2  # the one actor uses both cores of its node
+
+
+def test_four_gpus_give_four_actors_of_one_gpu():
+    res = plan({"CPU": 32.0, "GPU": 4.0}, [8.0] * 4)
+    assert (res.gpus_per_actor, res.min_actors, res.max_actors) == (1.0, 1, 4)
+    assert res.batch_size == 32
+
+
+def test_half_a_gpu_per_actor_packs_two_actors_per_gpu():
+    assert plan({"CPU": 32.0, "GPU": 4.0}, gpus_per_actor=0.5).max_actors == 8
+    assert plan({"CPU": 8.0, "GPU": 1.0}, gpus_per_actor=0.5).max_actors == 2
+    # fractions that do not divide evenly round down: 3 / 0.4 = 7.5 -> 7 actors fit
+    assert plan({"CPU": 8.0, "GPU": 3.0}, gpus_per_actor=0.4).max_actors == 7
+
+
+def test_explicit_pool_bounds_win():
+    assert plan({"CPU": 32.0, "GPU": 4.0}, max_actors=2).max_actors == 2
+    res = plan({"CPU": 32.0, "GPU": 4.0}, min_actors=2, max_actors=16)
+    assert (res.min_actors, res.max_actors) == (2, 16)
+    # min_actors above what the GPUs allow raises the ceiling to it (the pool waits for GPUs)
+    assert plan({"CPU": 32.0, "GPU": 4.0}, min_actors=6).max_actors == 6
+    assert plan({"CPU": 8.0}, min_actors=2, max_actors=3).max_actors == 3
+    assert plan({"CPU": 8.0, "GPU": 2.0}, batch_size=12).batch_size == 12
+
+
+def test_gpus_per_actor_zero_keeps_actors_on_cpu_on_a_gpu_cluster():
+    res = plan({"CPU": 16.0, "GPU": 2.0}, [16.0], gpus_per_actor=0)
+    assert (res.gpus_per_actor, res.max_actors, res.batch_size) == (0.0, 1, 8)
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_fails_before_running():
+    with pytest.raises(ConfigError, match="--max-actors"):
+        plan({"CPU": 8.0}, gpus_per_actor=1)
+
+
+def test_autoscaling_cluster_with_gpu_nodes_at_zero_uses_the_given_pool_size(caplog):
+    """cluster.yaml's GPU group starts at min_workers 0: at submit time the cluster has no GPU. With
+    --max-actors the plan asks for GPU actors anyway, and the autoscaler launches nodes for them."""
+    with caplog.at_level(logging.WARNING, logger="ray_whisper.pipeline"):
+        res = plan({"CPU": 0.0}, [0.0], gpus_per_actor=1, max_actors=8)
+    assert (res.gpus_per_actor, res.min_actors, res.max_actors, res.batch_size) == (1, 1, 8, 32)
+    assert "autoscaler" in caplog.text
+
+
+def test_cpu_threads_split_the_smallest_node_between_its_actors():
+    assert plan({"CPU": 16.0}, [8.0, 8.0], max_actors=4).cpu_threads == 4  # 2 actors per 8-core node
+    assert plan({"CPU": 4.0}, [4.0], cpus_per_actor=2).cpu_threads == 4
+    assert plan({"CPU": 1.0}, [1.0], max_actors=3).cpu_threads == 1
+    # a head with no CPUs (cluster.yaml's) does not count as a node actors can run on
+    assert plan({"CPU": 8.0}, [0.0, 8.0]).cpu_threads == 8
