@@ -754,6 +754,9 @@ def load_whisper(model_path: str, revision: str | None, device: str, dtype: torc
     and the given dtype. Never reaches the network when model_path is a local dir."""
     import transformers
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tqdm bar per actor start would clutter job logs
 
     local = Path(model_path).is_dir()
     # transformers renamed torch_dtype -> dtype in 4.56; support both (pyproject allows >=4.45).

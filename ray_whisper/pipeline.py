@@ -170,7 +170,8 @@ def build_dataset(
         )
         tokens = _model_stage(chunks, prepared, options, res)
     # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule
-    partitions = max(1, min(table.num_rows, 2 * int(ray.cluster_resources().get("CPU", 1))))
+    # (at least 8 so that an autoscaling cluster that starts with no CPU still merges in parallel)
+    partitions = max(1, min(table.num_rows, max(8, 2 * int(ray.cluster_resources().get("CPU", 0)))))
     return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
         merge_file,
         fn_kwargs={"tokenizer_json": prepared.tokenizer_json, "model_name": options.model},
