@@ -134,10 +134,10 @@ class OutputDir:
                     pq.write_table(kept, f)
             self.fs.rm(path)
 
-    def finish(self, manifest: pa.Table, run_id: str, model_name: str, summary: dict[str, Any]) -> pa.Table:
-        """Give every manifest row without a row an error row, then write `_SUCCESS`. Returns the table."""
-        present = self.scan([schema.ID])
-        missing = manifest.filter(pc.invert(pc.is_in(manifest[schema.ID], present[schema.ID])))
+    def complete(self, manifest: pa.Table, run_id: str, model_name: str) -> pa.Table:
+        """Give every manifest row without a row an error row; return the whole table (one listing)."""
+        table = self.scan()
+        missing = manifest.filter(pc.invert(pc.is_in(manifest[schema.ID], table[schema.ID])))
         if missing.num_rows:
             log.error("%d manifest row(s) came back from no worker; writing error rows for them", missing.num_rows)
             rows = [
@@ -148,14 +148,25 @@ class OutputDir:
                 }
                 for r in missing.to_pylist()
             ]
-            with self.fs.open(self.path(f"{PART_PREFIX}{run_id}-lost.parquet"), "wb") as f:
-                pq.write_table(pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA), f)
-        table = self.scan()
+            lost = pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA)
+            path = self.path(f"{PART_PREFIX}{run_id}-lost.parquet")
+            with self.fs.open(path, "wb") as f:
+                pq.write_table(lost, f)
+            table = pa.concat_tables([table, lost.append_column("_part", pa.array([path] * lost.num_rows, pa.string()))])
         ids = table[schema.ID]
         if len(pc.unique(ids)) != len(ids):
             log.error("duplicate ids in %s: a reader would see some files twice", self.uri)
+        return table
+
+    def commit(self, summary: dict[str, Any]) -> None:
+        """Write `_SUCCESS` (the run's summary): from now on readers take the table as complete."""
         with self.fs.open(self.path(SUCCESS), "wb") as f:
             f.write(json.dumps(summary, indent=2).encode())
+
+    def finish(self, manifest: pa.Table, run_id: str, model_name: str, summary: dict[str, Any]) -> pa.Table:
+        """complete() then commit(summary); returns the table."""
+        table = self.complete(manifest, run_id, model_name)
+        self.commit(summary)
         return table
 
 

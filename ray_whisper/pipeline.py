@@ -154,7 +154,7 @@ def build_dataset(
     step = options.files_per_task
     files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
-    # its rows come back from no worker and output.finish() gives them `lost` error rows.
+    # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
     ray.data.DataContext.get_current().max_errored_blocks = -1
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;
@@ -289,10 +289,10 @@ def transcribe(
             filesystem=storage.arrow_filesystem(out.fs),
             filename_provider=_PartNames(run_id),
         )
-    wall = time.perf_counter() - started
-    provisional = summarize(out.scan(["status", schema.ERROR, "duration_s"]), wall, output, run_id)
-    table = out.finish(prepared.manifest, run_id, options.model, provisional.as_dict())
-    return summarize(table, wall, output, run_id, skipped)
+    table = out.complete(prepared.manifest, run_id, options.model)
+    summary = summarize(table, time.perf_counter() - started, output, run_id, skipped)
+    out.commit(summary.as_dict())
+    return summary
 
 
 class _PartNames:
