@@ -72,7 +72,7 @@ def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 
     merge). `transcriber` is an `inference.Transcriber`. Returns (text, segments)."""
     from . import features
     from .chunking import ChunkGeometry, iter_windows
-    from .merge import ChunkResult, TokenSegment, merge_chunks, to_text
+    from .merge import ChunkResult, merge_chunks, to_text
 
     opt = transcriber.options
     geom = ChunkGeometry.from_seconds(opt.chunk_length_s, opt.stride_length_s, opt.search_length_s)
@@ -83,12 +83,6 @@ def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 
         feats = features.log_mel([a for _, a in group], transcriber.n_mels)
         results = transcriber.decode(feats, [opt.language] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
         for (w, _), r in zip(group, results):
-            chunks.append(
-                ChunkResult(
-                    w.index, w.start / SAMPLE_RATE, w.end / SAMPLE_RATE, w.stride_left / SAMPLE_RATE,
-                    w.stride_right / SAMPLE_RATE,
-                    tuple(TokenSegment(s, e, tuple(t)) for s, e, t in r["segments"]),
-                )
-            )
+            chunks.append(ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r["segments"]))
     tok = transcriber.processor.tokenizer
     return to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))

@@ -323,8 +323,7 @@ class Transcriber:
         results = self.decoder(feats, requested)
         out = []
         for r, duration in zip(results, durations):
-            silent = r["no_speech_prob"] > opt.no_speech_threshold and r["avg_logprob"] < opt.logprob_threshold
-            segs = [] if silent else segments_from_tokens(r["tokens"], self.tokens, duration, opt.timestamps)
+            segs = [] if self._is_silence(r) else segments_from_tokens(r["tokens"], self.tokens, duration, opt.timestamps)
             out.append({**r, "segments": segs})
         if not opt.timestamps:
             return out
@@ -338,11 +337,16 @@ class Transcriber:
         if seek_rows:
             again = self.decoder(np.stack(seek_feats), [out[i]["language"] for i in seek_rows])
             for i, r, resume in zip(seek_rows, again, seek_from):
-                if r["no_speech_prob"] > opt.no_speech_threshold and r["avg_logprob"] < opt.logprob_threshold:
+                if self._is_silence(r):
                     continue
                 extra = segments_from_tokens(r["tokens"], self.tokens, durations[i] - resume, True)
                 out[i]["segments"] += [(resume + s, resume + e, t) for s, e, t in extra]
         return out
+
+    def _is_silence(self, result: dict[str, Any]) -> bool:
+        """Whisper's rule: likely no speech and low confidence -> drop the text (it would be invented)."""
+        opt = self.options
+        return result["no_speech_prob"] > opt.no_speech_threshold and result["avg_logprob"] < opt.logprob_threshold
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch[schema.ID])

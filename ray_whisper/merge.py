@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .audio import SAMPLE_RATE
+
 MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
 
 
@@ -32,6 +34,13 @@ class ChunkResult:
     stride_left: float
     stride_right: float
     segments: tuple[TokenSegment, ...]  # times relative to the window start
+
+    @classmethod
+    def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments) -> "ChunkResult":
+        """From window geometry in samples at 16 kHz and (start_s, end_s, token ids) segments."""
+        sr = SAMPLE_RATE
+        segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks)) for a, b, toks in segments)
+        return cls(int(index), start / sr, end / sr, stride_left / sr, stride_right / sr, segs)
 
 
 @dataclass(frozen=True)

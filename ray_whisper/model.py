@@ -304,6 +304,12 @@ def _whisper_state_dict(
             else:
                 out[f"{hf}.bias"] = np.ascontiguousarray(bias[rows])
 
+    def self_attention(ct2: str, hf: str) -> None:
+        # fused Q/K/V rows, in that order
+        split_rows(f"{ct2}/self_attention/linear_0", [f"{hf}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")])
+        linear(f"{ct2}/self_attention/linear_1", f"{hf}.self_attn.out_proj")
+        layer_norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
+
     def ffn(ct2: str, hf: str) -> None:
         linear(f"{ct2}/ffn/linear_0", f"{hf}.fc1")
         linear(f"{ct2}/ffn/linear_1", f"{hf}.fc2")
@@ -315,9 +321,7 @@ def _whisper_state_dict(
     out["model.encoder.embed_positions.weight"] = get("encoder/position_encodings/encodings")
     for i in range(n_enc):
         ct2, hf = f"encoder/layer_{i}", f"model.encoder.layers.{i}"
-        split_rows(f"{ct2}/self_attention/linear_0", [f"{hf}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")])
-        linear(f"{ct2}/self_attention/linear_1", f"{hf}.self_attn.out_proj")
-        layer_norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
+        self_attention(ct2, hf)
         ffn(ct2, hf)
     layer_norm("encoder/layer_norm", "model.encoder.layer_norm")
 
@@ -326,9 +330,7 @@ def _whisper_state_dict(
     out["model.decoder.embed_positions.weight"] = get("decoder/position_encodings/encodings")
     for i in range(n_dec):
         ct2, hf = f"decoder/layer_{i}", f"model.decoder.layers.{i}"
-        split_rows(f"{ct2}/self_attention/linear_0", [f"{hf}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")])
-        linear(f"{ct2}/self_attention/linear_1", f"{hf}.self_attn.out_proj")
-        layer_norm(f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
+        self_attention(ct2, hf)
         linear(f"{ct2}/attention/linear_0", f"{hf}.encoder_attn.q_proj")
         split_rows(f"{ct2}/attention/linear_1", [f"{hf}.encoder_attn.{p}" for p in ("k_proj", "v_proj")])
         linear(f"{ct2}/attention/linear_2", f"{hf}.encoder_attn.out_proj")

@@ -11,7 +11,7 @@ import pyarrow as pa
 from . import schema
 from .audio import SAMPLE_RATE
 from .inference import vote_language
-from .merge import ChunkResult, TokenSegment, merge_chunks, to_text
+from .merge import ChunkResult, merge_chunks, to_text
 
 
 @lru_cache(maxsize=2)
@@ -53,23 +53,14 @@ def merge_file(batch: dict[str, np.ndarray], tokenizer_json: str, model_name: st
     indices = [int(batch[schema.CHUNK_INDEX][i]) for i in order]
     if indices != list(range(n)) or not bool(batch[schema.IS_LAST][order[-1]]):
         return _table([_row(batch, 0, model_name, error=f"internal_error: windows missing (got {indices[:10]}...)")])
-    chunks = []
-    for i in order:
-        start = int(batch[schema.START][i]) / SAMPLE_RATE
-        segs = tuple(
-            TokenSegment(float(s), float(e), tuple(int(t) for t in toks))
-            for s, e, toks in zip(batch[schema.SEG_START][i], batch[schema.SEG_END][i], batch[schema.SEG_TOKENS][i])
+    chunks = [
+        ChunkResult.from_samples(
+            batch[schema.CHUNK_INDEX][i], int(batch[schema.START][i]), int(batch[schema.END][i]),
+            int(batch[schema.STRIDE_LEFT][i]), int(batch[schema.STRIDE_RIGHT][i]),
+            zip(batch[schema.SEG_START][i], batch[schema.SEG_END][i], batch[schema.SEG_TOKENS][i]),
         )
-        chunks.append(
-            ChunkResult(
-                index=int(batch[schema.CHUNK_INDEX][i]),
-                start=start,
-                end=int(batch[schema.END][i]) / SAMPLE_RATE,
-                stride_left=int(batch[schema.STRIDE_LEFT][i]) / SAMPLE_RATE,
-                stride_right=int(batch[schema.STRIDE_RIGHT][i]) / SAMPLE_RATE,
-                segments=segs,
-            )
-        )
+        for i in order
+    ]
     tok = _tokenizer(tokenizer_json)
     text, segments = to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     warning = errors[0][1] if errors else None
