@@ -101,7 +101,7 @@ def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     for k in range(0, len(windows), batch):
         results += tr.decode(feats[k : k + batch], [None] * len(feats[k : k + batch]), durations[k : k + batch])
     wall = time.perf_counter() - started
-    tok = tr.processor.tokenizer
+    tok = tr.tokenizer
     texts = [""] * len(paths)
     for (i, _, _), r in zip(windows, results):
         texts[i] += "".join(tok.decode(t) for _, _, t in r["segments"])

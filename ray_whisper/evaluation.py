@@ -84,5 +84,5 @@ def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 
         results = transcriber.decode(feats, [opt.language] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
         for (w, _), r in zip(group, results):
             chunks.append(ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r["segments"]))
-    tok = transcriber.processor.tokenizer
+    tok = transcriber.tokenizer
     return to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))

@@ -1,10 +1,10 @@
 """The resident-model stage: a callable class for `map_batches` that keeps Whisper loaded and decodes
 batches of windows from many files at once.
 
-Decoding is a greedy loop of our own over the transformers model's encoder and decoder, not
+Decoding is a greedy loop of our own over the plain-PyTorch network (network.py), not transformers'
 `generate()`: it needs the no-speech probability at the start-of-transcript position, the mean token
-log-probability, per-row languages in one batch, and Whisper's timestamp rules, all in one pass.
-Beam search (beam_size > 1) goes through `generate()` instead.
+log-probability, per-row languages in one batch, and Whisper's timestamp rules, all in one pass, and it
+drops rows from the batch as they end. Beam search (beam_size > 1) goes through `generate()` instead.
 """
 
 from __future__ import annotations
@@ -107,14 +107,17 @@ def language_code(language: str | None, tokens: SpecialTokens) -> str | None:
 class WhisperDecoder:
     """Greedy batched decoding with timestamp rules, no-speech probability and mean log-probability."""
 
-    def __init__(self, model: Any, tokens: SpecialTokens, options: TranscribeOptions):
+    def __init__(self, net: Any, tokens: SpecialTokens, options: TranscribeOptions, generator: Any = None):
+        """`net` is a network.Whisper; `generator`, needed for beam search only, is transformers'
+        WhisperForConditionalGeneration sharing its weights."""
         import torch
 
-        self.model = model
+        self.net = net
+        self.generator = generator
         self.t = tokens
         self.opt = options
-        vocab = model.config.vocab_size
-        self.device = next(model.parameters()).device
+        vocab = net.dims.vocab_size
+        self.device = next(net.parameters()).device
         suppress = torch.zeros(vocab, dtype=torch.bool)
         ids = [i for i in tokens.suppress if i < vocab] + [tokens.no_timestamps, tokens.sot, tokens.transcribe,
                                                               tokens.translate, tokens.no_speech]
@@ -147,17 +150,17 @@ class WhisperDecoder:
         """Decode a batch of (n_mels, 3000) features; returns per row: tokens, language, no_speech_prob, avg_logprob."""
         import torch
 
-        model = self.model
-        dtype = next(model.parameters()).dtype
+        net = self.net
+        dtype = next(net.parameters()).dtype
         with torch.inference_mode():
             x = torch.from_numpy(feats).to(self.device, dtype, non_blocking=True)
-            enc = model.model.encoder(x).last_hidden_state
+            enc = net.encode(x)
             bsz = enc.shape[0]
+            capacity = min(len(self.prompt(None)) + self.opt.max_new_tokens, net.dims.n_text_ctx)
+            cache = net.new_cache(enc, capacity)
             # Step 0: the start-of-transcript position alone gives no-speech and language probabilities.
             sot = torch.full((bsz, 1), self.t.sot, dtype=torch.long, device=self.device)
-            out = model.model.decoder(input_ids=sot, encoder_hidden_states=enc, use_cache=True)
-            cache = out.past_key_values
-            sot_logits = model.proj_out(out.last_hidden_state[:, -1]).float()
+            sot_logits = net.decode(sot, cache)
             no_speech = sot_logits.softmax(-1)[:, self.t.no_speech].tolist()
             if self.t.multilingual:
                 detected = self.detect_languages(sot_logits)
@@ -165,17 +168,11 @@ class WhisperDecoder:
             else:
                 languages = ["en"] * bsz
             rest = [self.prompt(lang)[1:] for lang in languages]
-            if rest[0]:
-                ids = torch.tensor(rest, dtype=torch.long, device=self.device)
-                out = model.model.decoder(input_ids=ids, encoder_hidden_states=enc, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits = model.proj_out(out.last_hidden_state[:, -1]).float()
-            else:
-                logits = sot_logits
+            logits = net.decode(torch.tensor(rest, dtype=torch.long, device=self.device), cache) if rest[0] else sot_logits
             if self.opt.beam_size > 1:
                 tokens, sum_logprob = self._beam(x, enc, languages)
             else:
-                tokens, sum_logprob = self._greedy(logits, enc, cache)
+                tokens, sum_logprob = self._greedy(logits, cache)
         results = []
         for i in range(bsz):
             n = max(len(tokens[i]), 1)
@@ -189,7 +186,10 @@ class WhisperDecoder:
             )
         return results
 
-    def _greedy(self, logits: Any, enc: Any, cache: Any) -> tuple[list[list[int]], list[float]]:
+    def _greedy(self, logits: Any, cache: Any) -> tuple[list[list[int]], list[float]]:
+        """Greedy decoding of the whole batch. Rows that have ended are dropped from the batch (and from the
+        key/value caches) as they finish, so a batch costs what its rows need, not its longest row times its
+        size: on CPU a decoder step reads every row's cross-attention cache (~18 MB per row for tiny)."""
         import torch
 
         t, dev = self.t, self.device
@@ -197,14 +197,16 @@ class WhisperDecoder:
         ts = t.timestamp_begin
         neg = torch.tensor(float("-inf"), device=dev)
         ts_index = torch.arange(vocab - ts, device=dev)  # timestamp k <-> token ts + k
+        rows = torch.arange(bsz, device=dev)  # batch row of each row still decoding
         # as if a timestamp preceded the start, so the first sampled timestamp must be followed by text
         last_was_ts = torch.ones(bsz, dtype=torch.bool, device=dev)
         penult_was_ts = torch.ones(bsz, dtype=torch.bool, device=dev)
         last_ts = torch.full((bsz,), -1, dtype=torch.long, device=dev)
-        done = torch.zeros(bsz, dtype=torch.bool, device=dev)
         sum_logprob = torch.zeros(bsz, device=dev)
-        generated: list[Any] = []
-        for step in range(self.opt.max_new_tokens):
+        # the last token sampled is never fed back, so a full cache still allows one more
+        steps = min(self.opt.max_new_tokens, cache.capacity - cache.length + 1)
+        generated = torch.full((bsz, steps), t.eot, dtype=torch.long, device=dev)
+        for step in range(steps):
             logits = logits.masked_fill(self.suppress, neg)
             if step == 0:
                 logits = logits.masked_fill(self.suppress_begin, neg)
@@ -212,22 +214,23 @@ class WhisperDecoder:
                 logits = self._timestamp_rules(logits, step, last_was_ts, penult_was_ts, last_ts, ts_index, neg)
             logprobs = logits.log_softmax(-1)
             next_tok = logits.argmax(-1)
-            next_tok = torch.where(done, torch.full_like(next_tok, t.eot), next_tok)
-            sum_logprob += torch.where(done, torch.zeros_like(sum_logprob), logprobs.gather(1, next_tok[:, None])[:, 0])
-            generated.append(next_tok)
+            sum_logprob[rows] += logprobs.gather(1, next_tok[:, None])[:, 0]
+            generated[rows, step] = next_tok
             is_ts = next_tok >= ts
-            penult_was_ts = last_was_ts
-            last_was_ts = is_ts
+            penult_was_ts, last_was_ts = last_was_ts, is_ts
             last_ts = torch.where(is_ts, next_tok - ts, last_ts)
-            done = done | (next_tok == t.eot)
-            if bool(done.all()):
+            going = next_tok != t.eot
+            n_going = int(going.sum())
+            if n_going == 0:
                 break
-            out = self.model.model.decoder(
-                input_ids=next_tok[:, None], encoder_hidden_states=enc, past_key_values=cache, use_cache=True
-            )
-            cache = out.past_key_values
-            logits = self.model.proj_out(out.last_hidden_state[:, -1]).float()
-        seqs = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(bsz)]
+            if n_going < rows.numel():
+                keep = going.nonzero()[:, 0]
+                rows, next_tok = rows[keep], next_tok[keep]
+                last_was_ts, penult_was_ts, last_ts = last_was_ts[keep], penult_was_ts[keep], last_ts[keep]
+                cache.select(keep)
+            if step + 1 < steps:
+                logits = self.net.decode(next_tok[:, None], cache)
+        seqs = generated.tolist()
         tokens = [s[: s.index(t.eot)] if t.eot in s else s for s in seqs]
         return tokens, sum_logprob.tolist()
 
@@ -242,7 +245,7 @@ class WhisperDecoder:
         for lang in sorted(set(languages)):
             rows = [i for i, l in enumerate(languages) if l == lang]
             kwargs: dict[str, Any] = {"language": lang, "task": self.opt.task} if t.multilingual else {}
-            seqs = self.model.generate(
+            seqs = self.generator.generate(
                 x[rows], num_beams=self.opt.beam_size, return_timestamps=self.opt.timestamps,
                 max_new_tokens=self.opt.max_new_tokens, **kwargs,
             )
@@ -252,8 +255,8 @@ class WhisperDecoder:
                 kept = [tok for tok in seqs[k].tolist() if tok < t.eot or tok >= t.timestamp_begin]
                 tokens[i] = kept
                 ids = torch.tensor([prompt + kept + [t.eot]], device=self.device)
-                out = self.model.model.decoder(input_ids=ids[:, :-1], encoder_hidden_states=enc[i : i + 1])
-                logprobs = self.model.proj_out(out.last_hidden_state).float().log_softmax(-1)[0]
+                cache = self.net.new_cache(enc[i : i + 1], ids.shape[1])
+                logprobs = self.net.decode(ids[:, :-1], cache, every_position=True).log_softmax(-1)[0]
                 targets = ids[0, len(prompt) :]
                 sum_logprob[i] = float(logprobs[len(prompt) - 1 :].gather(1, targets[:, None]).sum())
         return tokens, sum_logprob
@@ -293,7 +296,10 @@ class Transcriber:
     def __init__(self, model_path: str, options: TranscribeOptions, n_mels: int, cpu_threads: int | None = None):
         import torch
 
-        from .model import load_whisper
+        import tokenizers
+
+        from . import network
+        from .model import load_whisper, local_model_dir, model_files
 
         self.options = options
         self.n_mels = n_mels
@@ -301,14 +307,16 @@ class Transcriber:
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads or max(1, math.ceil(options.cpus_per_actor)))
         dtype = resolve_dtype(options.dtype, self.device)
-        self.model, self.processor = load_whisper(model_path, options.revision, self.device, dtype)
-        tok = self.processor.tokenizer
-        self.tokens = special_tokens(
-            tok.backend_tokenizer.token_to_id,
-            self.model.generation_config.to_dict(),
-            self.model.config.vocab_size,
-        )
-        self.decoder = WhisperDecoder(self.model, self.tokens, options)
+        config, generation, tokenizer_json = model_files(model_path, options.revision)
+        self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+        self.tokens = special_tokens(self.tokenizer.token_to_id, generation, int(config["vocab_size"]))
+        generator = None
+        if options.beam_size > 1:  # generate() needs transformers' model; the network shares its weights
+            generator, _ = load_whisper(model_path, options.revision, self.device, dtype)
+            self.net = network.from_state_dict(config, generator.state_dict())
+        else:
+            self.net = network.load(local_model_dir(model_path, options.revision), self.device, dtype)
+        self.decoder = WhisperDecoder(self.net, self.tokens, options, generator)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
     def decode(self, feats: np.ndarray, languages: list[str | None], durations: list[float]) -> list[dict[str, Any]]:

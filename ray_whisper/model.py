@@ -47,6 +47,7 @@ __all__ = [
     "bundled_model_dir",
     "convert_ctranslate2_whisper",
     "load_whisper",
+    "local_model_dir",
     "read_ctranslate2_model",
     "resolve_model",
 ]
@@ -778,6 +779,28 @@ def load_whisper(model_path: str, revision: str | None, device: str, dtype: torc
     model.to(device)
     model.eval()
     return model, processor
+
+
+def local_model_dir(model_path: str, revision: str | None = None) -> Path:
+    """A resolved model as a local directory: itself, or a hub id's files fetched into the Hugging Face cache
+    of this node (config, tokenizer and safetensors weights; pytorch_model.bin only where a repository has
+    no safetensors)."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from huggingface_hub import snapshot_download
+
+    from .network import WEIGHT_FILES
+
+    common = ["config.json", "generation_config.json", "tokenizer.json"]
+    try:
+        for weights in (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+                        ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]):
+            folder = Path(snapshot_download(model_path, revision=revision, allow_patterns=common + weights))
+            if any((folder / name).is_file() for name in WEIGHT_FILES):
+                return folder
+    except Exception as exc:
+        raise ModelError(f"cannot fetch model {model_path!r} (revision {revision}): {exc}") from exc
+    raise ModelError(f"model {model_path!r} has no model.safetensors or pytorch_model.bin weights")
 
 
 def model_files(model_path: str, revision: str | None = None) -> tuple[dict, dict, str]:

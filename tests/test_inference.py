@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def text_of(transcriber, result) -> str:
-    tok = transcriber.processor.tokenizer
+    tok = transcriber.tokenizer
     return "".join(tok.decode(t) for _, _, t in result["segments"])
 
 

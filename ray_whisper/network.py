@@ -1,0 +1,280 @@
+"""Whisper's network in plain PyTorch: the encoder, and a decoder that runs a step at a time over a
+key/value cache that can drop rows.
+
+It holds the same parameters under the same names as transformers' `WhisperForConditionalGeneration`
+and does the same arithmetic (tests/test_network.py compares the two on real speech), so any
+transformers Whisper checkpoint loads into it. Why not use transformers' module directly:
+- start-up: importing transformers' Whisper modeling code takes ~4.5 s of CPU in every model actor (more
+  than loading tiny's weights 20 times over); this module needs only torch;
+- the greedy loop drops rows as they end (their caches included), and knows its cache is plain tensors.
+Beam search still goes through transformers' `generate()` (see inference.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_mels: int
+    d_model: int
+    encoder_layers: int
+    encoder_heads: int
+    decoder_layers: int
+    decoder_heads: int
+    encoder_ffn: int
+    decoder_ffn: int
+    n_audio_ctx: int  # 1500 encoder positions for 30 s
+    n_text_ctx: int  # 448 decoder positions
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Dims:
+        """From a transformers Whisper config.json (as a dict)."""
+        activation = config.get("activation_function", "gelu")
+        if activation != "gelu":
+            raise ValueError(f"unsupported activation_function {activation!r} (Whisper uses 'gelu')")
+        return cls(
+            n_mels=int(config.get("num_mel_bins", 80)),
+            d_model=int(config["d_model"]),
+            encoder_layers=int(config["encoder_layers"]),
+            encoder_heads=int(config["encoder_attention_heads"]),
+            decoder_layers=int(config["decoder_layers"]),
+            decoder_heads=int(config["decoder_attention_heads"]),
+            encoder_ffn=int(config["encoder_ffn_dim"]),
+            decoder_ffn=int(config["decoder_ffn_dim"]),
+            n_audio_ctx=int(config.get("max_source_positions", 1500)),
+            n_text_ctx=int(config.get("max_target_positions", 448)),
+            vocab_size=int(config["vocab_size"]),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, time, d_model) -> (batch, heads, time, head_dim)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, -1).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def attend(self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        q = self.split(self.q_proj(q_in))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        b, _, t, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = Attention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, ffn)
+        self.fc2 = nn.Linear(ffn, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x)
+        x = x + self.self_attn.attend(h, *self.self_attn.keys_values(h))
+        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d_model: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = Attention(d_model, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model)
+        self.encoder_attn = Attention(d_model, heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, ffn)
+        self.fc2 = nn.Linear(ffn, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: Dims):
+        super().__init__()
+        self.conv1 = nn.Conv1d(d.n_mels, d.d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d.d_model, d.d_model, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(d.n_audio_ctx, d.d_model)
+        self.layers = nn.ModuleList(EncoderLayer(d.d_model, d.encoder_heads, d.encoder_ffn) for _ in range(d.encoder_layers))
+        self.layer_norm = nn.LayerNorm(d.d_model)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """(batch, n_mels, 3000) log-mel -> (batch, 1500, d_model)"""
+        x = F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
+        if x.shape[1] != self.embed_positions.num_embeddings:
+            raise ValueError(f"Whisper expects 30 s of features ({2 * self.embed_positions.num_embeddings} frames), "
+                             f"got {mel.shape[-1]}")
+        x = x + self.embed_positions.weight
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, d: Dims):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(d.vocab_size, d.d_model)
+        self.embed_positions = nn.Embedding(d.n_text_ctx, d.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(d.d_model, d.decoder_heads, d.decoder_ffn) for _ in range(d.decoder_layers))
+        self.layer_norm = nn.LayerNorm(d.d_model)
+
+
+class _Body(nn.Module):
+    """Only here so that parameter names match transformers' ("model.encoder.…", "model.decoder.…")."""
+
+    def __init__(self, d: Dims):
+        super().__init__()
+        self.encoder = Encoder(d)
+        self.decoder = Decoder(d)
+
+
+class DecoderCache:
+    """Per decoder layer: self-attention keys/values written in place into tensors sized for the longest
+    sequence, and the cross-attention keys/values of the encoder output, computed once."""
+
+    def __init__(self, self_kv: list[tuple[torch.Tensor, torch.Tensor]], cross_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.self_kv = self_kv
+        self.cross_kv = cross_kv
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.self_kv[0][0].shape[2]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (rows that have finished decoding leave the batch)."""
+        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
+        self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: Dims):
+        super().__init__()
+        self.dims = dims
+        self.model = _Body(dims)
+        self.proj_out = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
+        self.proj_out.weight = self.model.decoder.embed_tokens.weight  # tied, as in every Whisper checkpoint
+
+    def encode(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder(mel)
+
+    def new_cache(self, encoded: torch.Tensor, max_tokens: int) -> DecoderCache:
+        dec = self.model.decoder
+        b = encoded.shape[0]
+        heads = self.dims.decoder_heads
+        head_dim = self.dims.d_model // heads
+        max_tokens = min(max_tokens, self.dims.n_text_ctx)
+        self_kv = [
+            (encoded.new_empty(b, heads, max_tokens, head_dim), encoded.new_empty(b, heads, max_tokens, head_dim))
+            for _ in dec.layers
+        ]
+        cross_kv = [layer.encoder_attn.keys_values(encoded) for layer in dec.layers]
+        return DecoderCache(self_kv, cross_kv)
+
+    def decode(self, tokens: torch.Tensor, cache: DecoderCache, every_position: bool = False) -> torch.Tensor:
+        """Feed (batch, n) tokens after those already in `cache` and advance it by n; returns float32 logits
+        of the last position, (batch, vocab), or of every position, (batch, n, vocab)."""
+        dec = self.model.decoder
+        start, n = cache.length, tokens.shape[1]
+        end = start + n
+        if end > cache.capacity:
+            raise ValueError(f"decoder cache holds {cache.capacity} tokens; asked for {end}")
+        x = dec.embed_tokens(tokens) + dec.embed_positions.weight[start:end]
+        mask = None
+        if n > 1:  # a prompt: each new token sees the cache and the new tokens up to itself
+            mask = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(dec.layers, cache.self_kv, cache.cross_kv):
+            h = layer.self_attn_layer_norm(x)
+            k, v = layer.self_attn.keys_values(h)
+            k_cache[:, :, start:end] = k
+            v_cache[:, :, start:end] = v
+            x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+            x = x + layer.encoder_attn.attend(layer.encoder_attn_layer_norm(x), k_cross, v_cross)
+            x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+        cache.length = end
+        return self.proj_out(dec.layer_norm(x if every_position else x[:, -1])).float()
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        f = model_dir / name
+        if f.is_file():
+            if name.endswith(".index.json"):
+                shards = sorted(set(json.loads(f.read_text(encoding="utf-8"))["weight_map"].values()))
+                return [model_dir / s for s in shards]
+            return [f]
+    raise FileNotFoundError(f"{model_dir} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under WhisperForConditionalGeneration's names (a bare WhisperModel's
+    "encoder.…" keys get the "model." prefix)."""
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(model_dir):
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return {(k if k.startswith(("model.", "proj_out.")) else f"model.{k}"): v for k, v in state.items()}
+
+
+def load(model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Whisper:
+    """The network of a local transformers Whisper directory, in eval mode, on `device` in `dtype`."""
+    model_dir = Path(model_dir)
+    net = from_state_dict(read_config(model_dir), read_state_dict(model_dir), where=str(model_dir))
+    return net.to(device=device, dtype=dtype)
+
+
+def from_state_dict(config: dict[str, Any], state: dict[str, torch.Tensor], where: str = "checkpoint") -> Whisper:
+    """The network over these tensors (not copied: a transformers model's state_dict() shares its weights)."""
+    state = dict(state)
+    untied = state.pop("proj_out.weight", None)
+    with torch.device("meta"):
+        net = Whisper(Dims.from_config(config))
+    missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k != "proj_out.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{where} is not a Whisper checkpoint of the shape its config.json gives: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    net.proj_out.weight = net.model.decoder.embed_tokens.weight
+    if untied is not None and untied.data_ptr() != net.proj_out.weight.data_ptr() and not torch.equal(untied, net.proj_out.weight):
+        net.proj_out.weight = nn.Parameter(untied, requires_grad=False)
+    return net.eval().requires_grad_(False)
+
+
+def random_init(config: dict[str, Any], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                seed: int = 0) -> Whisper:
+    """A network of a config's shape with random weights (PyTorch's default initialisation), for speed
+    measurements of models that cannot be downloaded."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = Whisper(Dims.from_config(config))
+    return net.to(dtype=dtype).eval().requires_grad_(False)

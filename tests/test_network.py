@@ -1,0 +1,108 @@
+"""The plain-PyTorch Whisper network against transformers' WhisperForConditionalGeneration on real speech:
+same encoder output, same logits teacher-forced and step by step, rows dropped from the cache mid-way,
+and checkpoints in the layouts transformers writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ray_whisper import features, network
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(bundled_model):
+    from transformers import WhisperForConditionalGeneration
+
+    hf = WhisperForConditionalGeneration.from_pretrained(bundled_model, attn_implementation="sdpa").eval()
+    return network.load(bundled_model), hf
+
+
+@pytest.fixture(scope="module")
+def speech(speech_clips):
+    """Features of two real windows: jfk, and the English part of the MIT talk."""
+    return torch.from_numpy(features.log_mel([speech_clips[0][0], speech_clips[1][0]], 80)).float()
+
+
+def test_encoder_and_teacher_forced_logits_match_transformers(models, speech):
+    net, hf = models
+    with torch.inference_mode():
+        ours = net.encode(speech)
+        theirs = hf.model.encoder(speech).last_hidden_state
+        assert torch.allclose(ours, theirs, atol=1e-4)
+        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=60)  # real sequences, prompt included
+        ref = hf(input_features=speech, decoder_input_ids=tokens).logits
+        cache = net.new_cache(ours, tokens.shape[1])
+        got = net.decode(tokens, cache, every_position=True)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-3)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_step_by_step_with_rows_dropped_matches_full_batch(models, speech):
+    """Prompt in two parts (as the decoder feeds it), then one token per step; after a few steps row 0
+    leaves the batch and row 1's logits must not change."""
+    net, hf = models
+    with torch.inference_mode():
+        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=30)
+        ref = hf(input_features=speech, decoder_input_ids=tokens).logits
+        cache = net.new_cache(net.encode(speech), tokens.shape[1])
+        first = net.decode(tokens[:, :1], cache)
+        assert torch.allclose(first, ref[:, 0], atol=1e-3)
+        prompt = net.decode(tokens[:, 1:3], cache)
+        assert torch.allclose(prompt, ref[:, 2], atol=1e-3)
+        rows = torch.arange(2)
+        for pos in range(3, tokens.shape[1]):
+            if pos == 8:
+                cache.select(torch.tensor([1]))
+                rows = torch.tensor([1])
+            step = net.decode(tokens[rows, pos : pos + 1], cache)
+            assert torch.allclose(step, ref[rows, pos], atol=1e-3), pos
+        assert cache.length == tokens.shape[1]
+        with pytest.raises(ValueError, match="cache holds"):
+            net.decode(tokens[rows, :1], cache)
+
+
+def test_loads_bare_model_keys_and_pytorch_bin(models, bundled_model, tmp_path, speech):
+    """A WhisperModel checkpoint ("encoder.…" keys, no proj_out) saved as pytorch_model.bin loads into the
+    same network; a checkpoint of another shape is refused with the keys that differ."""
+    net, _ = models
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    shutil.copy(Path(bundled_model) / "config.json", folder / "config.json")
+    state = {k.removeprefix("model."): v.clone() for k, v in net.state_dict().items() if k != "proj_out.weight"}
+    torch.save(state, folder / "pytorch_model.bin")
+    other = network.load(folder)
+    with torch.inference_mode():
+        x = speech[:1]
+        assert torch.equal(other.encode(x), net.encode(x))
+        assert other.proj_out.weight.data_ptr() == other.model.decoder.embed_tokens.weight.data_ptr()
+
+    config = json.loads((folder / "config.json").read_text())
+    config["decoder_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing.*decoder.layers.4"):
+        network.load(folder)
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        network.load(folder)
+
+
+def test_random_init_has_the_config_shape():
+    config = {"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2, "decoder_layers": 2,
+              "decoder_attention_heads": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "vocab_size": 100,
+              "num_mel_bins": 80, "max_source_positions": 1500, "max_target_positions": 448}
+    net = network.random_init(config)
+    with torch.inference_mode():
+        enc = net.encode(torch.randn(3, 80, 3000))
+        cache = net.new_cache(enc, 5)
+        logits = net.decode(torch.zeros(3, 2, dtype=torch.long), cache)
+    assert enc.shape == (3, 1500, 64) and logits.shape == (3, 100)
+    assert np.isfinite(logits.numpy()).all()
