@@ -65,7 +65,8 @@ class TranscribeOptions:
 
     # Ray resources
     batch_size: int | None = _opt(
-        None, "Windows per model call (chunks of many files share a batch). Default: 32 on GPU, 8 on CPU.",
+        None, "Windows per model call (chunks of many files share a batch). Default: as many as fit 8 GiB "
+        "(GPU) or 2 GiB (CPU) of decoder cache, at most 32 on GPU and 16 on CPU (large-v3: 32 / 4).",
         "resources",
     )
     min_actors: int = _opt(1, "Smallest size of the model actor pool (autoscaling lower bound).", "resources")
