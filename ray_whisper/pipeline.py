@@ -196,9 +196,10 @@ def build_dataset(
             max_retries=3,  # a decode worker that dies (OOM kill, node loss) is retried on another
         )
         tokens = _model_stage(chunks, prepared, options, res)
-    # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule
-    # (at least 8 so that an autoscaling cluster that starts with no CPU still merges in parallel)
-    partitions = max(1, min(table.num_rows, max(8, 2 * int(ray.cluster_resources().get("CPU", 0)))))
+    # a few partitions: the shuffle carries only tokens, and each partition is a task to schedule (each
+    # costs ~0.5 s of a small machine's CPU); 8 on an autoscaling cluster that starts with no CPU
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    partitions = max(1, min(table.num_rows, 2 * cpus if cpus else 8))
     return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
         merge_file,
         fn_kwargs={"tokenizer_json": prepared.tokenizer_json, "model_name": options.model},
