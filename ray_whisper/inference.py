@@ -291,7 +291,7 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS (no mmap for large blocks,
     no trimming). A CPU forward pass allocates and frees tensors of tens to hundreds of MB; with glibc's
     defaults each is a fresh mmap whose pages fault in zeroed: ~1.2 M page faults and ~3.5 s of system
-    time per batch of 16 windows with tiny.en on 2 cores (10% of the batch's wall time). The actor's memory
+    time per batch of 16 windows with tiny.en on 2 cores (15% of the batch's wall time). The actor's memory
     then stays at its peak, as a GPU's caching allocator does. Returns False where there is no glibc."""
     import ctypes
     import ctypes.util
