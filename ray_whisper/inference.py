@@ -156,8 +156,7 @@ class WhisperDecoder:
             x = torch.from_numpy(feats).to(self.device, dtype, non_blocking=True)
             enc = net.encode(x)
             bsz = enc.shape[0]
-            capacity = min(len(self.prompt(None)) + self.opt.max_new_tokens, net.dims.n_text_ctx)
-            cache = net.new_cache(enc, capacity)
+            cache = net.new_cache(enc, len(self.prompt(None)) + self.opt.max_new_tokens)  # at most n_text_ctx
             # Step 0: the start-of-transcript position alone gives no-speech and language probabilities.
             sot = torch.full((bsz, 1), self.t.sot, dtype=torch.long, device=self.device)
             sot_logits = net.decode(sot, cache)

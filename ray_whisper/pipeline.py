@@ -103,10 +103,13 @@ def connect() -> None:
 class Prepared:
     manifest: pa.Table
     model_path: str
-    n_mels: int
+    model_config: dict[str, Any]  # its config.json
     tokenizer_json: str  # serialized fast tokenizer, so the merge stage needs no transformers
     storage: StorageOptions
-    model_config: dict[str, Any] = field(default_factory=dict)  # its config.json
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.model_config.get("num_mel_bins", 80))
 
 
 def split_options(
@@ -151,9 +154,7 @@ def prepare(
         raise ConfigError(str(e)) from e
     if options.task == "translate" and not tokens.multilingual:
         raise ConfigError(f"--task translate needs a multilingual model; {options.model} is English-only")
-    return Prepared(
-        table, model_path, int(config.get("num_mel_bins", 80)), tokenizer_json, storage_options or StorageOptions(), config
-    )
+    return Prepared(table, model_path, config, tokenizer_json, storage_options or StorageOptions())
 
 
 def build_dataset(
