@@ -223,10 +223,9 @@ class WhisperDecoder:
             if n_going == 0:
                 break
             if n_going < rows.numel():
-                keep = going.nonzero()[:, 0]
-                rows, next_tok = rows[keep], next_tok[keep]
-                last_was_ts, penult_was_ts, last_ts = last_was_ts[keep], penult_was_ts[keep], last_ts[keep]
-                cache.select(keep)
+                order = cache.drop(going)
+                rows, next_tok = rows[order], next_tok[order]
+                last_was_ts, penult_was_ts, last_ts = last_was_ts[order], penult_was_ts[order], last_ts[order]
             if step + 1 < steps:
                 logits = self.net.decode(next_tok[:, None], cache)
         seqs = generated.tolist()

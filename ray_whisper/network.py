@@ -152,21 +152,47 @@ class _Body(nn.Module):
 
 class DecoderCache:
     """Per decoder layer: self-attention keys/values written in place into tensors sized for the longest
-    sequence, and the cross-attention keys/values of the encoder output, computed once."""
+    sequence, and the cross-attention keys/values of the encoder output, computed once. `rows` leading batch
+    rows of these tensors are in use: rows that finish decoding leave with `drop`."""
 
     def __init__(self, self_kv: list[tuple[torch.Tensor, torch.Tensor]], cross_kv: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.self_kv = self_kv
-        self.cross_kv = cross_kv
+        self._self_kv = self_kv
+        self._cross_kv = cross_kv
+        self.rows = self_kv[0][0].shape[0] if self_kv else 0
         self.length = 0
 
     @property
     def capacity(self) -> int:
-        return self.self_kv[0][0].shape[2]
+        return self._self_kv[0][0].shape[2]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (rows that have finished decoding leave the batch)."""
-        self.self_kv = [(k[rows], v[rows]) for k, v in self.self_kv]
-        self.cross_kv = [(k[rows], v[rows]) for k, v in self.cross_kv]
+    @property
+    def self_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[: self.rows], v[: self.rows]) for k, v in self._self_kv]
+
+    @property
+    def cross_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[: self.rows], v[: self.rows]) for k, v in self._cross_kv]
+
+    def drop(self, going: torch.Tensor) -> torch.Tensor:
+        """Remove the rows where `going` (bool, one per row in use) is False. The kept rows at the end move
+        into the places of those that leave, so a row leaving costs one row's copy, not a copy of the whole
+        cache (for tiny on CPU, ~18 MB per row of cross-attention keys and values). Returns, for each row in
+        its new place, the index it had before; the caller reorders its own per-row state with it."""
+        keep = going.nonzero()[:, 0]
+        n = keep.numel()
+        order = torch.arange(n, device=keep.device)
+        holes = (~going[:n]).nonzero()[:, 0]  # leaving rows among the first n
+        movers = keep[keep >= n]  # kept rows beyond the first n: as many as there are holes
+        if holes.numel():
+            for k, v in self._self_kv:
+                k[holes, :, : self.length] = k[movers, :, : self.length]
+                v[holes, :, : self.length] = v[movers, :, : self.length]
+            for k, v in self._cross_kv:
+                k[holes] = k[movers]
+                v[holes] = v[movers]
+            order[holes] = movers
+        self.rows = n
+        return order
 
 
 class Whisper(nn.Module):

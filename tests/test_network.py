@@ -47,22 +47,24 @@ def test_encoder_and_teacher_forced_logits_match_transformers(models, speech):
 
 
 def test_step_by_step_with_rows_dropped_matches_full_batch(models, speech):
-    """Prompt in two parts (as the decoder feeds it), then one token per step; after a few steps row 0
-    leaves the batch and row 1's logits must not change."""
+    """Prompt in two parts (as the decoder feeds it), then one token per step; after a few steps rows 0
+    and 2 of four leave the batch (row 3 moves into row 0's place) and the others' logits must not change."""
     net, hf = models
+    four = torch.cat([speech, torch.roll(speech, 150, dims=-1)])  # four different windows
     with torch.inference_mode():
-        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=30)
-        ref = hf(input_features=speech, decoder_input_ids=tokens).logits
-        cache = net.new_cache(net.encode(speech), tokens.shape[1])
+        tokens = hf.generate(four, return_timestamps=True, max_new_tokens=30)
+        ref = hf(input_features=four, decoder_input_ids=tokens).logits
+        cache = net.new_cache(net.encode(four), tokens.shape[1])
         first = net.decode(tokens[:, :1], cache)
         assert torch.allclose(first, ref[:, 0], atol=1e-3)
         prompt = net.decode(tokens[:, 1:3], cache)
         assert torch.allclose(prompt, ref[:, 2], atol=1e-3)
-        rows = torch.arange(2)
+        rows = torch.arange(4)
         for pos in range(3, tokens.shape[1]):
             if pos == 8:
-                cache.select(torch.tensor([1]))
-                rows = torch.tensor([1])
+                order = cache.drop(torch.tensor([False, True, False, True]))
+                assert order.tolist() == [3, 1] and cache.rows == 2
+                rows = rows[order]
             step = net.decode(tokens[rows, pos : pos + 1], cache)
             assert torch.allclose(step, ref[rows, pos], atol=1e-3), pos
         assert cache.length == tokens.shape[1]
@@ -137,6 +139,7 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
                          check=True)
     first, *later = (int(x) for x in out.stdout.split())
     if mode == "keep":
-        assert max(later) < 0.05 * first
+        # mostly 0; a few thousand now and then (a thread's first use of an arena); the default: ~100 K each
+        assert max(later) < 0.25 * first
     else:
         assert min(later) > 10_000  # the contrast: the measurement does see the churn
