@@ -305,6 +305,27 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))  # int's largest
 
 
+def run_at_normal_priority() -> bool:
+    """Undo the niceness Ray gives its worker processes (15) for every thread of this one. A model actor
+    whose threads run at 15 loses its CPU to any nice-0 process that wakes up (raylet, the driver's
+    executor loop, Ray's own actors), and one preempted thread stalls the others at their next barrier.
+    Lowering niceness needs CAP_SYS_NICE (root in most Ray containers); returns False where it is refused."""
+    import os
+
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]  # Linux: niceness is per thread
+    except OSError:
+        threads = [0]
+    done = True
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except OSError:
+            done = False
+    return done
+
+
 SEEK_SLACK_S = 1.0  # a window whose decoded speech ends this much before its end may have lost words
 
 
@@ -322,6 +343,8 @@ class Transcriber:
         self.options = options
         self.n_mels = n_mels
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not run_at_normal_priority():
+            log.info("model actor runs at Ray's worker niceness (lowering it was refused)")
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads or max(1, math.ceil(options.cpus_per_actor)))
             keep_freed_memory()

@@ -39,6 +39,7 @@ NON_DEFAULT = {
     "files_per_task": 8,
     "retry_errors": True,
     "overwrite": True,
+    "dashboard": True,
     "allow_partial": True,
 }
 

@@ -3,6 +3,7 @@ language detection and per-row languages with a multilingual model."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,31 @@ def test_multilingual_model_detects_language_per_window(multilingual_model):
     forced = tr.decode(feats, ["en", "de"], [29.5, 29.0])
     assert [r["language"] for r in forced] == ["en", "de"]
     assert "software" in ev.normalize(text_of(tr, forced[1]))
+
+
+RENICE = """
+import os, threading
+from ray_whisper.inference import run_at_normal_priority
+before = threading.Thread(target=threading.Event().wait, daemon=True)  # a thread that exists already
+before.start()
+print(os.getpriority(os.PRIO_PROCESS, 0), run_at_normal_priority())
+print(*sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}))
+later = []
+t = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+t.start(); t.join()
+print(later[0])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or os.geteuid() != 0, reason="needs Linux and root")
+def test_model_actor_undoes_ray_worker_niceness():
+    """Ray starts workers at niceness 15; the model actor puts every thread it has, and so every thread
+    started later (torch's), back at 0."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(["nice", "-n", "15", sys.executable, "-c", RENICE], capture_output=True, text=True, check=True)
+    started, all_threads, later = out.stdout.splitlines()
+    assert started == "15 True"
+    assert all_threads == "0"
+    assert later == "0"
