@@ -83,11 +83,11 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
 
 def _windows(paths: list[Path]):
     """The pipeline's windows of every file: (file index, samples), as its decode stage cuts them."""
-    from ray_whisper.chunking import ChunkGeometry, iter_windows
+    from ray_whisper.chunking import iter_windows
     from ray_whisper.config import TranscribeOptions
 
     options = TranscribeOptions()
-    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+    geom = options.geometry()
     return [(i, a) for i, p in enumerate(paths) for _, a in iter_windows([decode_all(p.read_bytes())], geom)]
 
 
@@ -155,14 +155,14 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, 
 
     from ray_whisper import features
     from ray_whisper.audio import fetch_bytes
-    from ray_whisper.chunking import ChunkGeometry, iter_windows
+    from ray_whisper.chunking import iter_windows
     from ray_whisper.config import TranscribeOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.merge import ChunkResult, merge_chunks, to_text
     from ray_whisper.model import bundled_model_dir
 
     options = TranscribeOptions()
-    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+    geom = options.geometry()
     tr = Transcriber(str(bundled_model_dir()), options, 80, cpu_threads=threads)
     clock: dict[str, float] = dict.fromkeys(
         ["fetch", "decode+resample", "windows", "features", "encoder", "decoder", "merge", "write"], 0.0)

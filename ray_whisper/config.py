@@ -134,6 +134,12 @@ class TranscribeOptions:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{_flag(f.name)} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
 
+    def geometry(self) -> Any:
+        """The windows these options ask for, as chunking.ChunkGeometry (in samples)."""
+        from .chunking import ChunkGeometry
+
+        return ChunkGeometry.from_seconds(self.chunk_length_s, self.stride_length_s, self.search_length_s)
+
     def replace(self, **changes: Any) -> "TranscribeOptions":
         return dataclasses.replace(self, **changes)
 

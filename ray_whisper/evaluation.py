@@ -71,11 +71,11 @@ def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 
     """One waveform through the pipeline's own stages in this process (windows, features, decoder,
     merge). `transcriber` is an `inference.Transcriber`. Returns (text, segments)."""
     from . import features
-    from .chunking import ChunkGeometry, iter_windows
+    from .chunking import iter_windows
     from .merge import ChunkResult, merge_chunks, to_text
 
     opt = transcriber.options
-    geom = ChunkGeometry.from_seconds(opt.chunk_length_s, opt.stride_length_s, opt.search_length_s)
+    geom = opt.geometry()
     windows = list(iter_windows([audio], geom))
     chunks = []
     for i in range(0, len(windows), batch_size):

@@ -18,7 +18,6 @@ from typing import Any
 import pyarrow as pa
 
 from . import schema, storage
-from .chunking import ChunkGeometry
 from .config import ConfigError, TranscribeOptions
 from .manifest import read_manifest
 from .storage import StorageOptions
@@ -179,7 +178,7 @@ def build_dataset(
     connect(options.dashboard)
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options, ray.cluster_resources(), node_cpus, prepared.model_config)
-    geom = ChunkGeometry.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
+    geom = options.geometry()
 
     table = prepared.manifest
     step = options.files_per_task

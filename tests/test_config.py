@@ -273,3 +273,11 @@ def test_cli_process_fails_fast_and_never_imports_ray(tmp_path):
     assert proc.stdout.split() == ["False", "False"]  # neither ray nor torch was even imported
     assert "--beam-size must be >= 1" in proc.stderr
     assert elapsed < 10, f"interpreter start + import + fail took {elapsed:.1f} s"
+
+
+def test_geometry_is_the_window_options_in_samples():
+    from ray_whisper.chunking import ChunkGeometry
+
+    opts = TranscribeOptions(chunk_length_s=20.0, stride_length_s=1.0, search_length_s=5.0)
+    assert opts.geometry() == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
+    assert opts.geometry() != TranscribeOptions().geometry()
