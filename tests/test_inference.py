@@ -42,6 +42,52 @@ def test_greedy_and_beam_search_transcribe_real_speech(bundled_model, greedy, sp
     assert ends == sorted(ends) and ends[-1] <= jfk.size / 16_000
 
 
+def test_timestamp_rules_choose_as_transformers_logits_processor(greedy):
+    """The decoder's greedy choice under the timestamp rules, and its log-probability, step by step against
+    transformers' WhisperTimeStampLogitsProcessor + argmax + log_softmax, an independent implementation of
+    the same rules (pairs, no decrease, first timestamp within 1 s, timestamps forced when likelier than any
+    text token). Random logits tilted towards timestamps so that every rule fires."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
+
+    dec, t = greedy.decoder, greedy.tokens
+    ts, vocab = t.timestamp_begin, greedy.net.dims.vocab_size
+    processor = WhisperTimeStampLogitsProcessor(
+        GenerationConfig(no_timestamps_token_id=t.no_timestamps, eos_token_id=t.eot, max_initial_timestamp_index=50),
+        begin_index=1,
+    )
+    rows, gen = 12, torch.Generator().manual_seed(0)
+    ids = torch.full((rows, 1), t.sot)
+    last_was, penult_was, last_ts = torch.ones(rows, dtype=torch.bool), torch.ones(rows, dtype=torch.bool), torch.full((rows,), -1)
+    fired = {"forced": 0, "closing": 0, "after_pair": 0, "text": 0}
+    for step in range(80):
+        logits = torch.randn(rows, vocab, generator=gen) * 3
+        logits[:, ts:] += torch.rand(rows, 1, generator=gen) * 6  # some rows favour timestamps this step
+        logits.index_fill_(1, dec.suppress, -torch.inf)
+        if step == 0:
+            logits.index_fill_(1, dec.suppress_begin, -torch.inf)
+        logits[:, t.eot] = -torch.inf  # keep every row going
+        expected = processor(ids, logits.clone())
+        want = expected.argmax(-1)
+        want_lp = expected.log_softmax(-1).gather(1, want[:, None])[:, 0]
+        got, got_lp = dec._pick_with_timestamps(logits.clone(), step, last_was, penult_was, last_ts, torch.arange(vocab - ts))
+        assert got.tolist() == want.tolist(), f"step {step}"
+        torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-4)
+        text_best = logits[:, :ts].max(-1).values
+        fired["forced"] += int((logits.log_softmax(-1)[:, ts:].logsumexp(-1) > text_best - logits.logsumexp(-1)).sum())
+        fired["closing"] += int((last_was & ~penult_was).sum())
+        fired["after_pair"] += int((last_was & penult_was).sum())
+        fired["text"] += int((got < ts).sum())
+        is_ts = got >= ts
+        penult_was, last_was = last_was, is_ts
+        last_ts = torch.where(is_ts, got - ts, last_ts)
+        ids = torch.cat([ids, got[:, None]], 1)
+    assert min(fired.values()) > 20, fired
+    stamps = [[x - ts for x in row if x >= ts] for row in ids[:, 1:].tolist()]
+    assert all(s == sorted(s) and s[0] <= 50 for s in stamps)
+
+
 def test_noise_alone_gives_no_text(greedy):
     """Whisper's no-speech rule: high no-speech probability and low confidence -> the window is silence."""
     noise = np.random.default_rng(0).normal(0, 0.01, 16_000 * 20).astype(np.float32)

@@ -68,6 +68,8 @@ def test_step_by_step_with_rows_dropped_matches_full_batch(models, speech):
             step = net.decode(tokens[rows, pos : pos + 1], cache)
             assert torch.allclose(step, ref[rows, pos], atol=1e-3), pos
         assert cache.length == tokens.shape[1]
+        # on CPU these step logits came through the packed oneDNN product (network.vocabulary_logits)
+        assert net._packed_out(torch.zeros(2, net.dims.d_model)) is not None
         with pytest.raises(ValueError, match="cache holds"):
             net.decode(tokens[rows, :1], cache)
 
