@@ -59,6 +59,13 @@ class Dims:
         )
 
 
+def _embedding(n: int, d: int) -> nn.Embedding:
+    """An embedding whose weight is left uninitialised (a checkpoint's, or random_init's, fills it).
+    nn.Embedding's own initialisation is normal_(), which on the meta device that `from_state_dict` builds
+    on imports torch._dynamo: ~1.7 s of every model actor's start."""
+    return nn.Embedding(n, d, _weight=torch.empty(n, d))
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, heads: int):
         super().__init__()
@@ -115,7 +122,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(d.n_mels, d.d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d.d_model, d.d_model, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(d.n_audio_ctx, d.d_model)
+        self.embed_positions = _embedding(d.n_audio_ctx, d.d_model)
         self.layers = nn.ModuleList(EncoderLayer(d.d_model, d.encoder_heads, d.encoder_ffn) for _ in range(d.encoder_layers))
         self.layer_norm = nn.LayerNorm(d.d_model)
 
@@ -134,8 +141,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, d: Dims):
         super().__init__()
-        self.embed_tokens = nn.Embedding(d.vocab_size, d.d_model)
-        self.embed_positions = nn.Embedding(d.n_text_ctx, d.d_model)
+        self.embed_tokens = _embedding(d.vocab_size, d.d_model)
+        self.embed_positions = _embedding(d.n_text_ctx, d.d_model)
         self.layers = nn.ModuleList(DecoderLayer(d.d_model, d.decoder_heads, d.decoder_ffn) for _ in range(d.decoder_layers))
         self.layer_norm = nn.LayerNorm(d.d_model)
 
@@ -334,4 +341,7 @@ def random_init(config: dict[str, Any], device: str | torch.device = "cpu", dtyp
     torch.manual_seed(seed)
     with torch.device(device):
         net = Whisper(Dims.from_config(config))
+    for module in net.modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight)  # nn.Embedding's default, which _embedding leaves out
     return net.to(dtype=dtype).eval().requires_grad_(False)

@@ -110,6 +110,27 @@ def test_random_init_has_the_config_shape():
         logits = net.decode(torch.zeros(3, 2, dtype=torch.long), cache)
     assert enc.shape == (3, 1500, 64) and logits.shape == (3, 100)
     assert np.isfinite(logits.numpy()).all()
+    for emb in (net.model.encoder.embed_positions, net.model.decoder.embed_tokens, net.model.decoder.embed_positions):
+        assert 0.8 < float(emb.weight.std()) < 1.2  # initialised as nn.Embedding would, not left empty
+
+
+def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_model):
+    """Importing torch._dynamo costs ~1.7 s of CPU at every model actor's start; building the network on
+    the meta device used to pull it in (nn.Embedding's normal_ initialisation)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from ray_whisper import network\n"
+        "net = network.load(sys.argv[1])\n"
+        "with torch.inference_mode():\n"
+        "    cache = net.new_cache(net.encode(torch.zeros(1, 80, 3000)), 4)\n"
+        "    net.decode(torch.zeros(1, 2, dtype=torch.long), cache)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, bundled_model], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 ENCODE_THRICE = """
