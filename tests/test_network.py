@@ -133,7 +133,7 @@ def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_mode
     assert out.stdout.strip() == "False"
 
 
-ENCODE_THRICE = """
+ENCODE_FIVE_TIMES = """
 import resource, sys, torch
 from ray_whisper import network
 from ray_whisper.inference import keep_freed_memory
@@ -143,7 +143,7 @@ torch.set_num_threads(2)
 net = network.load(sys.argv[2])
 x = torch.randn(4, 80, 3000)
 with torch.inference_mode():
-    for _ in range(3):
+    for _ in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         net.encode(x)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -158,11 +158,12 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", ENCODE_THRICE, mode, bundled_model], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", ENCODE_FIVE_TIMES, mode, bundled_model], capture_output=True, text=True,
                          check=True)
     first, *later = (int(x) for x in out.stdout.split())
     if mode == "keep":
-        # mostly 0; a few thousand now and then (a thread's first use of an arena); the default: ~100 K each
-        assert max(later) < 0.25 * first
+        # mostly 0; now and then a few to ~15 thousand (a thread's first use of a malloc arena); the default:
+        # tens of thousands every call
+        assert sorted(later)[len(later) // 2] < 0.1 * first
     else:
         assert min(later) > 10_000  # the contrast: the measurement does see the churn
