@@ -208,6 +208,7 @@ class Whisper(nn.Module):
         self.model = _Body(dims)
         self.proj_out = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
         self.proj_out.weight = self.model.decoder.embed_tokens.weight  # tied, as in every Whisper checkpoint
+        self._packed: tuple[Any, Any] = (None, None)  # (proj_out weight's identity, its oneDNN layout or None)
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(mel)
@@ -264,7 +265,7 @@ class Whisper(nn.Module):
         if h.device.type != "cpu" or h.dtype != torch.float32 or w.dtype != torch.float32 or h.dim() != 2:
             return None
         key = (w.data_ptr(), w.shape)
-        if getattr(self, "_packed", (None, None))[0] != key:
+        if self._packed[0] != key:
             self._packed = (key, _pack_for_onednn(w))
         return self._packed[1]
 
