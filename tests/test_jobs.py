@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -69,15 +70,20 @@ class LocalHead:
         self.temp_dir = tempfile.mkdtemp(prefix="rwj", dir="/tmp")  # short: unix socket paths < 108 chars
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        # RAY_AUTH_MODE: `ray start` turns on token auth when ~/.ray/auth_token exists (ray.init() writes
-        # one); this test is about jobs, not auth, so the head and the CLI calls run without it.
+        # Token authentication on, as the README's sequence runs it (RAY_AUTH_MODE=token for every ray
+        # command), with a token of the test's own instead of ~/.ray/auth_token.
+        # PATH: the entrypoint's `python` is this environment's, as in a user's activated virtualenv.
         # HF_HUB_DISABLE_PROGRESS_BARS: as cluster.yaml sets it on every node (else transformers draws a
         # "Loading weights" tqdm bar into the log each time a model actor starts).
         # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S: on SIGTERM, `ray start --block` first drains the node for up
         # to 30 s, and Ray Data's detached helper actors keep it from ever draining: stop at once instead.
+        self.token = secrets.token_hex(32)
+        token = Path(self.temp_dir) / "auth_token"
+        token.write_text(self.token)
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
-            "RAY_TMPDIR": self.temp_dir, "RAY_AUTH_MODE": "disabled", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_TMPDIR": self.temp_dir, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         }
         self.log = open(Path(self.temp_dir) / "ray_start.log", "w")  # noqa: SIM115 - open while the head runs
         self.proc = subprocess.Popen(
@@ -98,7 +104,8 @@ class LocalHead:
             if self.proc.poll() is not None:
                 pytest.fail(f"ray start exited with {self.proc.returncode}:\n{self.read_log()}")
             try:
-                client = JobSubmissionClient(self.address)
+                # this process runs without RAY_AUTH_MODE (the session's local Ray), so it sends the token itself
+                client = JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
                 client.list_jobs()
                 return client
             except Exception:
