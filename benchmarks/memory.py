@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_long_wav(path: Path, minutes: float) -> float:
     """Loop the shared clips into a WAV, written piece by piece (this process never holds it whole)."""
     sys.path.insert(0, str(ROOT))
-    from ray_whisper.audio import SAMPLE_RATE, decode_all
+    from ray_whisper.audio import decode_all
+    from ray_whisper.constants import SAMPLE_RATE
 
     clips = [decode_all((ROOT / "tests/data" / n).read_bytes()) for n in ("jfk.flac", "multilingual.mp3")]
     target = int(minutes * 60 * SAMPLE_RATE)

@@ -8,7 +8,7 @@ Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and 
   pipeline   this project end to end through the CLI (Ray start-up included, as a user sees it)
   baseline   the transformers ASR pipeline over the files one by one (chunk_length_s=30, batch_size=8,
              return_timestamps=True, greedy): what users start from
-  ceiling    the engine ceiling: the pipeline's own windows and features, batched (the pipeline's batch size)
+  ceiling    the engine ceiling: the pipeline's own chunks and features, batched (the pipeline's batch size)
              into transformers' `model.generate` with timestamps, from memory: no I/O, no Ray, no merge
   decoder    the pipeline's own decoder (its second pass from the last timestamp included) from memory: the
              same work as the pipeline's model stage, without Ray
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ray_whisper import evaluation as ev  # noqa: E402
-from ray_whisper.audio import SAMPLE_RATE, decode_all  # noqa: E402
+from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
 LENGTHS_S = (11, 30, 45, 60, 90, 120, 180, 240, 300, 600)  # 27.9 min in files of varied length
 
@@ -82,19 +83,18 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
 
 
 def _windows(paths: list[Path]):
-    """The pipeline's windows of every file: (file index, samples), as its decode stage cuts them."""
-    from ray_whisper.chunking import iter_windows
-    from ray_whisper.config import TranscribeOptions
+    """The pipeline's chunks of every file: (file index, samples), as its decode stage cuts them."""
+    from ray_whisper.chunking import iter_chunks
+    from ray_whisper.config import ChunkOptions
 
-    options = TranscribeOptions()
-    geom = options.geometry()
-    return [(i, a) for i, p in enumerate(paths) for _, a in iter_windows([decode_all(p.read_bytes())], geom)]
+    geom = ChunkOptions().geometry()
+    return [(i, a) for i, p in enumerate(paths) for _, a in iter_chunks([decode_all(p.read_bytes())], geom)]
 
 
 def _batch_size() -> int:
     from ray_whisper import network
     from ray_whisper.model import bundled_model_dir
-    from ray_whisper.pipeline import auto_batch_size
+    from ray_whisper.resources import auto_batch_size
 
     return auto_batch_size(False, network.read_config(bundled_model_dir()))
 
@@ -127,11 +127,11 @@ def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
 def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory."""
     from ray_whisper import features
-    from ray_whisper.config import TranscribeOptions
+    from ray_whisper.config import DecodingOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.model import bundled_model_dir
 
-    tr = Transcriber(str(bundled_model_dir()), TranscribeOptions(), 80, cpu_threads=threads)
+    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     windows = _windows(paths)
     feats = features.log_mel([a for _, a in windows], 80)
     durations = [a.size / SAMPLE_RATE for _, a in windows]
@@ -143,7 +143,7 @@ def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     wall = time.perf_counter() - started
     texts = [""] * len(paths)
     for (i, _), r in zip(windows, results):
-        texts[i] += "".join(tr.tokenizer.decode(t) for _, _, t in r["segments"])
+        texts[i] += "".join(tr.tokenizer.decode(t) for _, _, t in r.segments)
     return wall, texts
 
 
@@ -155,17 +155,16 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, 
 
     from ray_whisper import features
     from ray_whisper.audio import fetch_bytes
-    from ray_whisper.chunking import iter_windows
-    from ray_whisper.config import TranscribeOptions
+    from ray_whisper.chunking import iter_chunks
+    from ray_whisper.config import ChunkOptions, DecodingOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.merge import ChunkResult, merge_chunks, to_text
     from ray_whisper.model import bundled_model_dir
 
-    options = TranscribeOptions()
-    geom = options.geometry()
-    tr = Transcriber(str(bundled_model_dir()), options, 80, cpu_threads=threads)
+    geom = ChunkOptions().geometry()
+    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     clock: dict[str, float] = dict.fromkeys(
-        ["fetch", "decode+resample", "windows", "features", "encoder", "decoder", "merge", "write"], 0.0)
+        ["fetch", "decode+resample", "chunks", "features", "encoder", "decoder", "merge", "write"], 0.0)
 
     def timed(name, fn, *args):
         t = time.perf_counter()
@@ -179,7 +178,7 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, 
     for p in paths:
         data = timed("fetch", fetch_bytes, str(p))
         audio = timed("decode+resample", decode_all, data)
-        per_file.append(timed("windows", lambda: list(iter_windows([audio], geom))))
+        per_file.append(timed("chunks", lambda: list(iter_chunks([audio], geom))))
     todo = [(i, w, a) for i, ws in enumerate(per_file) for w, a in ws]
     feats = timed("features", features.log_mel, [a for _, _, a in todo], 80)
     batch = _batch_size()
@@ -192,7 +191,7 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, 
     rows = []
     t = time.perf_counter()
     for i in range(len(paths)):
-        chunks = [ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r["segments"])
+        chunks = [ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r.segments)
                   for (j, w, _), r in zip(todo, results) if j == i]
         text, _ = to_text(merge_chunks(chunks), lambda ids: tr.tokenizer.decode(list(ids)))
         rows.append({"id": paths[i].stem, "text": text})
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ceiling": lambda: run_ceiling(paths, args.threads),
             "baseline": lambda: run_baseline(paths, args.threads),
             "faster-whisper": lambda: run_faster_whisper(paths, args.threads),
-            # last: the pipeline's Transcriber sets this process's allocator (inference.keep_freed_memory),
+            # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
             "decoder": lambda: run_decoder(paths, args.threads),
         }

@@ -4,17 +4,20 @@
     summary = ray_whisper.transcribe("manifest.csv", "out/", batch_size=16)
     ds = ray_whisper.build_dataset("manifest.csv")   # lazy Ray Dataset of output rows
 
-Heavy libraries (ray, torch, transformers) load on first use, not at import.
+Heavy libraries (ray, torch) load on first use, not at import.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import ConfigError, TranscribeOptions
-from .storage import StorageOptions
+from .config import ChunkOptions, DecodingOptions, ResourceOptions, RunOptions, StorageOptions, TranscribeOptions
+from .errors import ConfigError, RayWhisperError
 
-__all__ = ["ConfigError", "StorageOptions", "Summary", "TranscribeOptions", "build_dataset", "read_results", "transcribe"]
+__all__ = [
+    "ChunkOptions", "ConfigError", "DecodingOptions", "RayWhisperError", "ResourceOptions", "RunOptions",
+    "StorageOptions", "Summary", "TranscribeOptions", "build_dataset", "read_results", "transcribe",
+]
 __version__ = "0.1.0"
 
 
@@ -41,7 +44,7 @@ def read_results(output: str, storage_options: StorageOptions | None = None):
 
 def __getattr__(name: str) -> Any:
     if name == "Summary":
-        from .pipeline import Summary
+        from .report import Summary
 
         return Summary
     raise AttributeError(name)

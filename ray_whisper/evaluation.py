@@ -11,7 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from . import features
+from .chunking import iter_chunks
+from .config import ChunkOptions
+from .constants import SAMPLE_RATE
+from .merge import ChunkResult, merge_chunks, to_text
 
 SPELLING = Path(__file__).parent / "data" / "english_spelling.json"  # Whisper's English spelling map (MIT)
 
@@ -67,22 +71,16 @@ def build_long_speech(
     return np.concatenate(parts), " ".join(refs)
 
 
-def transcribe_in_memory(audio: np.ndarray, transcriber: Any, batch_size: int = 8) -> tuple[str, list]:
-    """One waveform through the pipeline's own stages in this process (windows, features, decoder,
-    merge). `transcriber` is an `inference.Transcriber`. Returns (text, segments)."""
-    from . import features
-    from .chunking import iter_windows
-    from .merge import ChunkResult, merge_chunks, to_text
-
-    opt = transcriber.options
-    geom = opt.geometry()
-    windows = list(iter_windows([audio], geom))
-    chunks = []
-    for i in range(0, len(windows), batch_size):
-        group = windows[i : i + batch_size]
+def transcribe_in_memory(audio: np.ndarray, transcriber: Any, chunks: Any = None, batch_size: int = 8) -> tuple[str, list]:
+    """One waveform through the pipeline's own stages in this process (chunks, features, decoder, merge).
+    `transcriber` is an `inference.Transcriber`, `chunks` a config.ChunkOptions. Returns (text, segments)."""
+    pieces = list(iter_chunks([audio], (chunks or ChunkOptions()).geometry()))
+    results = []
+    for i in range(0, len(pieces), batch_size):
+        group = pieces[i : i + batch_size]
         feats = features.log_mel([a for _, a in group], transcriber.n_mels)
-        results = transcriber.decode(feats, [opt.language] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
-        for (w, _), r in zip(group, results):
-            chunks.append(ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r["segments"]))
+        decoded = transcriber.decode(feats, [None] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
+        for (c, _), r in zip(group, decoded):
+            results.append(ChunkResult.from_samples(c.index, c.start, c.end, c.stride_left, c.stride_right, r.segments))
     tok = transcriber.tokenizer
-    return to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
+    return to_text(merge_chunks(results), lambda ids: tok.decode(list(ids), skip_special_tokens=True))

@@ -16,15 +16,23 @@ root is listed. `language` is empty. Problems are ManifestErrors whose message n
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 import posixpath
 import re
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
 
 from . import schema
+from .errors import ManifestError, redact
+from .storage import describe_error, protocol, strip
 
 FORMATS = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 LISTING = "listing"  # manifest_format of a folder/prefix ending in "/" or a glob
@@ -36,15 +44,9 @@ AUDIO_EXTENSIONS = (
 _GLOB = re.compile(r"[*?\[]")
 
 
-class ManifestError(ValueError):
-    """The manifest cannot be used as given; raised on the driver before the run starts."""
-
-
 def is_listing(uri: str) -> bool:
     """A folder/prefix ending in "/" or a glob: the audio files it names rather than a manifest file.
     HTTP(S) URLs are never listings (they cannot be listed, and '?' starts their query)."""
-    from .storage import protocol
-
     if protocol(uri) in ("http", "https"):
         return False
     return uri.endswith("/") or bool(_GLOB.search(uri))
@@ -80,8 +82,6 @@ def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
     fmt = manifest_format(uri)
     if fmt == LISTING:
         if filesystem is None:
-            import fsspec
-
             filesystem = fsspec.core.url_to_fs(uri)[0]
         literal = _literal_manifest_file(uri, filesystem)
         if literal is None:
@@ -103,8 +103,6 @@ def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
     except OSError as e:
         raise ManifestError(f"could not read manifest {uri}: {_short(str(e))}") from e
     except Exception as e:  # store clients raise their own types (botocore's EndpointConnectionError...)
-        from .storage import describe_error
-
         raise ManifestError(f"could not read manifest {uri}: {describe_error(e)}") from e
     return normalise(table, uri)
 
@@ -117,8 +115,6 @@ def _literal_manifest_file(uri: str, filesystem: Any) -> str | None:
         fmt = _file_format(uri)
     except ManifestError:
         return None
-    from .storage import strip
-
     try:
         return fmt if filesystem.isfile(strip(uri, filesystem)) else None
     except Exception:
@@ -127,8 +123,6 @@ def _literal_manifest_file(uri: str, filesystem: Any) -> str | None:
 
 def _list_audio(uri: str, filesystem: Any) -> pa.Table:
     """The rows of a folder/prefix or glob listing: sorted files, id = path relative to the root."""
-    from .storage import describe_error, protocol, strip
-
     local = protocol(uri) == "file"
     glob = bool(_GLOB.search(uri))
     path = strip(uri, filesystem)
@@ -178,17 +172,11 @@ def _list_audio(uri: str, filesystem: Any) -> pa.Table:
 
 
 def _read(uri: str, fmt: str, filesystem: Any) -> pa.Table:
-    import fsspec
-
     if filesystem is None:
         filesystem, path = fsspec.core.url_to_fs(uri)
     else:
-        from .storage import strip
-
         path = strip(uri, filesystem)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
         with filesystem.open(path, "rb") as f:
             return pq.read_table(f)
     compression = "gzip" if path.endswith(".gz") else None
@@ -197,19 +185,13 @@ def _read(uri: str, fmt: str, filesystem: Any) -> pa.Table:
     data.decode("utf-8")  # raise UnicodeDecodeError with a position rather than Arrow's vaguer error
     buf = pa.BufferReader(data)
     if fmt == "csv":
-        import pyarrow.csv as pcsv
-
         # every column as text: ids like 007 must not become integers
         return pcsv.read_csv(buf, convert_options=pcsv.ConvertOptions(column_types=_all_strings(data)))
-    import pyarrow.json as pjson
-
     return pjson.read_json(buf)
 
 
 def _all_strings(csv_bytes: bytes) -> dict[str, pa.DataType]:
     header = csv_bytes.split(b"\n", 1)[0].decode("utf-8").strip().lstrip("\ufeff")
-    import csv
-
     names = next(csv.reader([header]), [])
     return {name: pa.string() for name in names}
 
@@ -261,8 +243,6 @@ def _resolve_relative(audio: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedAr
     to s3://bucket/lists/m.csv, `a.wav` is s3://bucket/lists/a.wav and `../audio/b.wav` s3://bucket/audio/b.wav."""
     base = posixpath.dirname(manifest_uri)
     if "://" not in manifest_uri:
-        import os
-
         base = os.path.dirname(os.path.abspath(manifest_uri))
 
     def resolve(a: str | None) -> str | None:
@@ -283,6 +263,4 @@ def _first_data_row(uri: str) -> int:
 
 
 def _short(text: str) -> str:
-    from .storage import redact
-
     return redact(" ".join(text.split()))[:300]

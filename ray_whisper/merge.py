@@ -1,7 +1,7 @@
-"""Stitch the windows of one file back into one transcript: pure functions on token ids, no model.
+"""Stitch the chunks of one file back into one transcript: pure functions on token ids, no model.
 
-Each window's output is a list of segments (start, end, token ids) with times in seconds from the start of
-the window. Windows cut at a pause share no audio and concatenate. Windows cut inside sound share an
+Each chunk's output is a list of segments (start, end, token ids) with times in seconds from the start of
+the chunk. Chunks cut at a pause share no audio and concatenate. Chunks cut inside sound share an
 overlap that both transcribed; there the token sequences are aligned on their longest common run and
 spliced in its middle, so the shared words appear once. When the two readings share no run of at least
 MIN_MATCH tokens, the splice falls back to the cut time, with token times estimated inside segments.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .audio import SAMPLE_RATE
+from .constants import SAMPLE_RATE
 
 MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
 
@@ -26,18 +26,18 @@ class TokenSegment:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """What the model produced for one window, with the window's geometry in seconds from file start."""
+    """What the model produced for one chunk, with the chunk's geometry in seconds from file start."""
 
     index: int
     start: float
     end: float
     stride_left: float
     stride_right: float
-    segments: tuple[TokenSegment, ...]  # times relative to the window start
+    segments: tuple[TokenSegment, ...]  # times relative to the chunk start
 
     @classmethod
     def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments) -> "ChunkResult":
-        """From window geometry in samples at 16 kHz and (start_s, end_s, token ids) segments."""
+        """From chunk geometry in samples at 16 kHz and (start_s, end_s, token ids) segments."""
         sr = SAMPLE_RATE
         segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks)) for a, b, toks in segments)
         return cls(int(index), start / sr, end / sr, stride_left / sr, stride_right / sr, segs)
@@ -56,11 +56,11 @@ class Segment:
 class _Token:
     time: float  # estimated, seconds from file start
     token: int
-    seg: int  # index of the segment it came from, within its window
+    seg: int  # index of the segment it came from, within its chunk
 
 
 def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
-    """Absolute-time segments clipped to the window, and their tokens with times spread over each segment."""
+    """Absolute-time segments clipped to the chunk, and their tokens with times spread over each segment."""
     segs: list[TokenSegment] = []
     tokens: list[_Token] = []
     for seg in chunk.segments:
@@ -100,17 +100,17 @@ def _splice_points(
 ) -> tuple[int, int]:
     """How many tokens of `left` to keep, and from which token of `right` to resume.
 
-    `spans` are the lengths in seconds of the two windows meeting here."""
+    `spans` are the lengths in seconds of the two chunks meeting here."""
     lo, hi = overlap
-    # Token times are estimates (spread evenly inside a segment, and a window without timestamps is one
-    # segment), so look beyond the shared audio by its length plus a quarter of each window.
+    # Token times are estimates (spread evenly inside a segment, and a chunk without timestamps is one
+    # segment), so look beyond the shared audio by its length plus a quarter of each chunk.
     left_margin = (hi - lo) + 0.25 * spans[0]
     right_margin = (hi - lo) + 0.25 * spans[1]
     li = next((k for k, t in enumerate(left) if t.time >= lo - left_margin), len(left))
     rj = next((k for k, t in enumerate(right) if t.time > hi + right_margin), len(right))
     tail = [t.token for t in left[li:]]
     head = [t.token for t in right[:rj]]
-    # Both windows heard the shared words at the same moment: a run whose two copies are far apart in
+    # Both chunks heard the shared words at the same moment: a run whose two copies are far apart in
     # time is a phrase repeated elsewhere, not the overlap.
     tolerance = (hi - lo) + 0.15 * max(spans)
     i, j, n = longest_common_run(
@@ -136,7 +136,7 @@ def _cut_segments(segs: list[TokenSegment], tokens: list[_Token], lo: int, hi: i
 
 
 def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
-    """One file's windows (any order) -> its segments in file time, overlaps resolved, times monotonic."""
+    """One file's chunks (any order) -> its segments in file time, overlaps resolved, times monotonic."""
     merged: list[TokenSegment] = []
     prev: ChunkResult | None = None
     for chunk in sorted(chunks, key=lambda c: c.index):
@@ -145,7 +145,7 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
             merged.extend(segs)
         else:
             overlap = (chunk.start, chunk.start + chunk.stride_left + prev.stride_right)
-            # only the previous window's segments can meet this one; earlier ones are final
+            # only the previous chunk's segments can meet this one; earlier ones are final
             first = next((k for k, s in enumerate(merged) if s.end > prev.start), len(merged))
             final, merged = merged[:first], merged[first:]
             left_tokens = [

@@ -6,8 +6,8 @@ and does the same arithmetic (tests/test_network.py compares the two on real spe
 transformers Whisper checkpoint loads into it. Why not use transformers' module directly:
 - start-up: importing transformers' Whisper modeling code takes ~4.5 s of CPU in every model actor (more
   than loading tiny's weights 20 times over); this module needs only torch;
-- the greedy loop drops rows as they end (their caches included), and knows its cache is plain tensors.
-Beam search still goes through transformers' `generate()` (see inference.py).
+- the decoder (decoding.py) drops rows as they end (their caches included), shares each chunk's
+  cross-attention keys and values between its beams, and knows its cache is plain tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+from .model import WEIGHT_FILES
+
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,19 @@ class Attention(nn.Module):
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))
 
-    def attend(self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+               group: int = 1) -> torch.Tensor:
+        """Attention of q_in's rows over k, v. With `group` > 1, each run of `group` rows of q_in (the beams
+        of one chunk) attends over one row of k, v: their queries are stacked into that row's query sequence,
+        so the beams of a chunk share its cross-attention keys and values instead of holding copies."""
         q = self.split(self.q_proj(q_in))
+        rows, heads, t, d = q.shape
+        if group > 1:
+            q = q.view(rows // group, group, heads, t, d).transpose(1, 2).reshape(rows // group, heads, group * t, d)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        b, _, t, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if group > 1:
+            out = out.view(rows // group, heads, group, t, d).transpose(1, 2).reshape(rows, heads, t, d)
+        return self.out_proj(out.transpose(1, 2).reshape(rows, t, -1))
 
 
 class EncoderLayer(nn.Module):
@@ -158,12 +167,17 @@ class _Body(nn.Module):
 
 class DecoderCache:
     """Per decoder layer: self-attention keys/values written in place into tensors sized for the longest
-    sequence, and the cross-attention keys/values of the encoder output, computed once. `rows` leading batch
-    rows of these tensors are in use: rows that finish decoding leave with `drop`."""
+    sequence, and the cross-attention keys/values of the encoder output, computed once.
 
-    def __init__(self, self_kv: list[tuple[torch.Tensor, torch.Tensor]], cross_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    The first `rows` batch rows of the self-attention tensors are in use. With beam search each chunk has
+    `group` rows (its beams) that share one cross-attention row: the first rows // group of those. Rows that
+    finish leave with `drop` (greedy) or `reorder` (beams)."""
+
+    def __init__(self, self_kv: list[tuple[torch.Tensor, torch.Tensor]], cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 group: int = 1):
         self._self_kv = self_kv
         self._cross_kv = cross_kv
+        self.group = group
         self.rows = self_kv[0][0].shape[0] if self_kv else 0
         self.length = 0
 
@@ -177,13 +191,17 @@ class DecoderCache:
 
     @property
     def cross_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(k[: self.rows], v[: self.rows]) for k, v in self._cross_kv]
+        n = self.rows // self.group
+        return [(k[:n], v[:n]) for k, v in self._cross_kv]
 
     def drop(self, going: torch.Tensor) -> torch.Tensor:
-        """Remove the rows where `going` (bool, one per row in use) is False. The kept rows at the end move
-        into the places of those that leave, so a row leaving costs one row's copy, not a copy of the whole
-        cache (for tiny on CPU, ~18 MB per row of cross-attention keys and values). Returns, for each row in
-        its new place, the index it had before; the caller reorders its own per-row state with it."""
+        """Remove the rows where `going` (bool, one per row in use) is False (greedy: one row per chunk).
+        The kept rows at the end move into the places of those that leave, so a row leaving costs one row's
+        copy, not a copy of the whole cache (for tiny on CPU, ~18 MB per row of cross-attention keys and
+        values). Returns, for each row in its new place, the index it had before; the caller reorders its own
+        per-row state with it."""
+        if self.group != 1:
+            raise ValueError("drop is for caches of one row per chunk; beams leave with reorder")
         keep = going.nonzero()[:, 0]
         n = keep.numel()
         order = torch.arange(n, device=keep.device)
@@ -200,6 +218,22 @@ class DecoderCache:
         self.rows = n
         return order
 
+    def reorder(self, rows: torch.Tensor, chunks: torch.Tensor | None = None) -> None:
+        """Beam search: the self-attention rows in use become old rows `rows`, in that order (a beam that
+        continues two ways is copied), and, when chunks leave, the cross-attention rows become old rows
+        `chunks` (len(rows) == group * len(chunks))."""
+        n = rows.numel()
+        for k, v in self._self_kv:
+            k[:n, :, : self.length] = k[rows, :, : self.length]
+            v[:n, :, : self.length] = v[rows, :, : self.length]
+        if chunks is not None:
+            if chunks.numel() * self.group != n:
+                raise ValueError(f"{n} rows are not {self.group} beams for each of {chunks.numel()} chunks")
+            for k, v in self._cross_kv:
+                k[: chunks.numel()] = k[chunks]
+                v[: chunks.numel()] = v[chunks]
+        self.rows = n
+
 
 class Whisper(nn.Module):
     def __init__(self, dims: Dims):
@@ -213,9 +247,10 @@ class Whisper(nn.Module):
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(mel)
 
-    def new_cache(self, encoded: torch.Tensor, max_tokens: int) -> DecoderCache:
+    def new_cache(self, encoded: torch.Tensor, max_tokens: int, group: int = 1) -> DecoderCache:
+        """A cache for decoding `encoded` (chunks, 1500, d_model), `group` rows (beams) per chunk."""
         dec = self.model.decoder
-        b = encoded.shape[0]
+        b = encoded.shape[0] * group
         heads = self.dims.decoder_heads
         head_dim = self.dims.d_model // heads
         max_tokens = min(max_tokens, self.dims.n_text_ctx)
@@ -225,7 +260,7 @@ class Whisper(nn.Module):
         ]
         # contiguous: every decoder step reads all of them (attention over a transposed view is ~25% slower on CPU)
         cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoded)) for layer in dec.layers]
-        return DecoderCache(self_kv, cross_kv)
+        return DecoderCache(self_kv, cross_kv, group)
 
     def decode(self, tokens: torch.Tensor, cache: DecoderCache, every_position: bool = False) -> torch.Tensor:
         """Feed (batch, n) tokens after those already in `cache` and advance it by n; returns float32 logits
@@ -245,7 +280,7 @@ class Whisper(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask)
-            x = x + layer.encoder_attn.attend(layer.encoder_attn_layer_norm(x), k_cross, v_cross)
+            x = x + layer.encoder_attn.attend(layer.encoder_attn_layer_norm(x), k_cross, v_cross, group=cache.group)
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         cache.length = end
         return self.vocabulary_logits(dec.layer_norm(x if every_position else x[:, -1])).float()

@@ -25,15 +25,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema, storage
+from .assemble import error_row
+from .config import StorageOptions
+from .errors import LOST, IncompleteOutputError, OutputError, row_error
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 PART_PREFIX = "part-"
-
-
-class OutputError(RuntimeError):
-    """The output location cannot be used; raised on the driver before any audio is decoded."""
 
 
 def new_run_id() -> str:
@@ -47,7 +46,7 @@ class OutputDir:
     root: str  # the directory as the filesystem names it
 
     @classmethod
-    def open(cls, uri: str, options: storage.StorageOptions | None = None) -> "OutputDir":
+    def open(cls, uri: str, options: StorageOptions | None = None) -> "OutputDir":
         fs = storage.filesystem(uri, options)
         return cls(uri.rstrip("/"), fs, storage.strip(uri, fs).rstrip("/"))
 
@@ -108,10 +107,10 @@ class OutputDir:
         if overwrite:
             for path in self.parts():
                 self.fs.rm(path)
-        existing = self.scan([schema.ID, "status"], remove_broken=True)
+        existing = self.scan([schema.ID, schema.STATUS], remove_broken=True)
         wanted = manifest[schema.ID]
         if retry_errors:
-            retry = pc.and_(pc.equal(existing["status"], schema.STATUS_ERROR), pc.is_in(existing[schema.ID], wanted))
+            retry = pc.and_(pc.equal(existing[schema.STATUS], schema.STATUS_ERROR), pc.is_in(existing[schema.ID], wanted))
             self._drop_rows(existing.filter(retry))
             existing = existing.filter(pc.invert(retry))
         done = pc.is_in(wanted, existing[schema.ID])
@@ -140,14 +139,8 @@ class OutputDir:
         missing = manifest.filter(pc.invert(pc.is_in(manifest[schema.ID], table[schema.ID])))
         if missing.num_rows:
             log.error("%d manifest row(s) came back from no worker; writing error rows for them", missing.num_rows)
-            rows = [
-                {
-                    schema.ID: r[schema.ID], schema.AUDIO: r[schema.AUDIO], "num_chunks": 0, "model": model_name,
-                    "status": schema.STATUS_ERROR,
-                    schema.ERROR: "lost: no result came back from the cluster (worker or node lost); rerun to retry",
-                }
-                for r in missing.to_pylist()
-            ]
+            reason = row_error(LOST, "no result came back from the cluster (worker or node lost); rerun to retry")
+            rows = [error_row(r[schema.ID], r[schema.AUDIO], model_name, reason) for r in missing.to_pylist()]
             lost = pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA)
             path = self.path(f"{PART_PREFIX}{run_id}-lost.parquet")
             with self.fs.open(path, "wb") as f:
@@ -170,11 +163,7 @@ class OutputDir:
         return table
 
 
-class IncompleteOutputError(RuntimeError):
-    """The output has no _SUCCESS marker: its run did not finish, rows may be missing."""
-
-
-def read_results(output: str, options: storage.StorageOptions | None = None) -> pa.Table:
+def read_results(output: str, options: StorageOptions | None = None) -> pa.Table:
     """The complete output table of a finished run, one row per manifest row; raises
     IncompleteOutputError when the run that wrote it did not finish."""
     out = OutputDir.open(output, options)

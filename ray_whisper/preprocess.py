@@ -1,7 +1,7 @@
-"""The CPU stage: manifest rows -> chunk rows (fetch, decode, cut into windows, log-mel features).
+"""The CPU stage: manifest rows -> chunk rows (fetch, decode, cut into chunks, log-mel features).
 
-One manifest row becomes one row per window, or a single error row when the file cannot be used; the
-error row travels through the model stage untouched so that every manifest row reaches the output.
+One manifest row becomes one row per chunk, or a single error row when the file cannot be used; the error
+row travels through the model stage untouched so that every manifest row reaches the output.
 """
 
 from __future__ import annotations
@@ -13,53 +13,39 @@ import numpy as np
 import pyarrow as pa
 
 from . import features, schema, storage
-from .audio import AudioError, DecodeError, decode_stream, open_audio
-from .chunking import ChunkGeometry, Window, is_silent, iter_windows
-from .storage import StorageOptions
+from .audio import decode_stream, open_audio
+from .chunking import Chunk, ChunkGeometry, is_silent, iter_chunks
+from .config import StorageOptions
+from .errors import INTERNAL_ERROR, TRUNCATED, DecodeError, FileError, row_error
 
-CHUNK_SCHEMA = pa.schema(
-    [
-        (schema.ID, pa.string()),
-        (schema.AUDIO, pa.string()),
-        (schema.LANGUAGE, pa.string()),
-        (schema.CHUNK_INDEX, pa.int32()),
-        (schema.IS_LAST, pa.bool_()),
-        (schema.START, pa.int64()),
-        (schema.END, pa.int64()),
-        (schema.STRIDE_LEFT, pa.int64()),
-        (schema.STRIDE_RIGHT, pa.int64()),
-        (schema.FEATURES, pa.large_binary()),
-        (schema.ERROR, pa.string()),
-        (schema.ERROR_KIND, pa.string()),
-    ]
-)
-WINDOWS_PER_BLOCK = 16  # about 8 MB of float16 features per yielded block
+CHUNKS_PER_BLOCK = 16  # about 8 MB of float16 features per yielded block
+FEATURE_GROUP = 8  # chunks whose log-mel is computed together
 
 
 class _Collector:
     """Accumulates chunk rows and hands them out as Arrow tables of bounded size."""
 
     def __init__(self) -> None:
-        self.rows: dict[str, list[Any]] = {name: [] for name in CHUNK_SCHEMA.names}
+        self.rows: dict[str, list[Any]] = {name: [] for name in schema.CHUNK_SCHEMA.names}
 
     def add(self, **row: Any) -> None:
-        for name in CHUNK_SCHEMA.names:
+        for name in schema.CHUNK_SCHEMA.names:
             self.rows[name].append(row.get(name))
 
     def __len__(self) -> int:
         return len(self.rows[schema.ID])
 
     def take(self) -> pa.Table:
-        table = pa.table(self.rows, schema=CHUNK_SCHEMA)
-        self.rows = {name: [] for name in CHUNK_SCHEMA.names}
+        table = pa.table(self.rows, schema=schema.CHUNK_SCHEMA)
+        self.rows = {name: [] for name in schema.CHUNK_SCHEMA.names}
         return table
 
 
 def _safe_pieces(pieces: Iterator[np.ndarray], notes: list[str]) -> Iterator[np.ndarray]:
     """Pass decoded pieces on; a stream that breaks after some audio ends there, with a note kept.
 
-    A truncated upload keeps the transcript of what decoded (status ok, the note in `error`); a file that
-    yields no audio at all still fails as a whole.
+    A truncated upload keeps the transcript of everything that decoded (status ok, the note as its warning);
+    a file that yields no audio at all still fails as a whole.
     """
     got_audio = False
     try:
@@ -69,7 +55,7 @@ def _safe_pieces(pieces: Iterator[np.ndarray], notes: list[str]) -> Iterator[np.
     except DecodeError as e:
         if not got_audio:
             raise
-        notes.append(f"truncated: {e}")
+        notes.append(f"{TRUNCATED}: {e}")
 
 
 def file_to_chunks(
@@ -78,52 +64,44 @@ def file_to_chunks(
     """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up."""
     base = {schema.ID: row[schema.ID], schema.AUDIO: row[schema.AUDIO], schema.LANGUAGE: row.get(schema.LANGUAGE)}
     notes: list[str] = []
-    pending: list[tuple[Window, np.ndarray]] = []
+    pending: list[tuple[Chunk, np.ndarray]] = []
     emitted = 0
 
     def flush() -> None:
         nonlocal emitted
         audible = [not is_silent(a) for _, a in pending]
         feats = iter(features.log_mel([a for (_, a), keep in zip(pending, audible) if keep], n_mels))
-        for (w, _), keep in zip(pending, audible):
+        for (c, _), keep in zip(pending, audible):
             out.add(
-                **base,
-                chunk_index=w.index,
-                is_last=w.is_last,
-                start=w.start,
-                end=w.end,
-                stride_left=w.stride_left,
-                stride_right=w.stride_right,
+                **base, chunk_index=c.index, is_last=c.is_last, start=c.start, end=c.end,
+                stride_left=c.stride_left, stride_right=c.stride_right,
                 features=features.to_bytes(next(feats)) if keep else b"",  # empty: silent, not decoded
-                error=notes[0] if (w.is_last and notes) else None,
-                error_kind="warning" if (w.is_last and notes) else None,
+                warning=notes[0] if (c.is_last and notes) else None,
             )
         emitted += len(pending)
         pending.clear()
 
     try:
         with open_audio(row[schema.AUDIO], filesystem) as f:
-            for window, samples in iter_windows(_safe_pieces(decode_stream(f), notes), geom):
-                pending.append((window, samples))
-                if len(pending) >= 8:
+            for chunk, samples in iter_chunks(_safe_pieces(decode_stream(f), notes), geom):
+                pending.append((chunk, samples))
+                if len(pending) >= FEATURE_GROUP:
                     flush()
-                    if len(out) >= WINDOWS_PER_BLOCK:
+                    if len(out) >= CHUNKS_PER_BLOCK:
                         yield out.take()
         if emitted + len(pending) == 0:
             raise DecodeError("no audio samples decoded")
         flush()
-    except AudioError as e:
-        _add_error(out, base, e.kind, str(e), emitted)
+    except FileError as e:
+        _add_error(out, base, row_error(e.kind, e), emitted)
     except Exception as e:  # anything unexpected in one file stays that file's problem
-        _add_error(out, base, "internal_error", f"{type(e).__name__}: {storage.redact(str(e))}", emitted)
+        _add_error(out, base, row_error(INTERNAL_ERROR, f"{type(e).__name__}: {e}"), emitted)
 
 
-def _add_error(out: _Collector, base: dict[str, Any], kind: str, message: str, emitted: int) -> None:
-    # chunk_index after any windows already emitted, so the error row never collides with one of them
-    out.add(
-        **base, chunk_index=emitted, is_last=True, start=0, end=0, stride_left=0, stride_right=0,
-        features=b"", error=" ".join(message.split())[:500], error_kind=kind,
-    )
+def _add_error(out: _Collector, base: dict[str, Any], error: str, emitted: int) -> None:
+    # chunk_index after any chunks already emitted, so the error row never collides with one of them
+    out.add(**base, chunk_index=emitted, is_last=True, start=0, end=0, stride_left=0, stride_right=0,
+            features=b"", error=error)
 
 
 def chunk_batch(
@@ -132,6 +110,7 @@ def chunk_batch(
     """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready."""
     import torch
 
+    schema.require(batch.column_names, schema.MANIFEST_COLUMNS, "CPU (decode)")
     torch.set_num_threads(1)  # one decode task per CPU; torch must not fan out across the node
     out = _Collector()
     for row in batch.to_pylist():

@@ -1,48 +1,99 @@
-"""Column names and Arrow schemas of the rows that move between stages, and of the output table."""
+"""Every column that moves between stages, and the output table. Each stage names the columns it needs
+and checks them with `require`.
+
+    manifest rows      id, audio, language                       (manifest.py -> the CPU stage)
+    chunk rows         one per chunk, or one error row per file  (preprocess.py -> inference.py)
+    token rows         chunk rows with their decoded segments     (inference.py -> assemble.py)
+    output rows        one per manifest row                       (assemble.py -> Parquet)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 
+from .errors import ContractError
+
 # manifest
+ID = "id"  # optional in the manifest: defaults to a stable hash of `audio`
 AUDIO = "audio"  # required: path or URI of the audio file
-ID = "id"  # optional: defaults to a stable hash of `audio`
 LANGUAGE = "language"  # optional: spoken language per row
+MANIFEST_COLUMNS = (ID, AUDIO, LANGUAGE)
 
-# chunk rows (decode stage -> model actors); one row per window, or one error row per failed file
-CHUNK_INDEX = "chunk_index"
-IS_LAST = "is_last"
-START = "start"  # samples at 16 kHz from file start
+# chunk rows
+CHUNK_INDEX = "chunk_index"  # 0, 1, ... within the file
+IS_LAST = "is_last"  # the file's last chunk (its index + 1 is the file's chunk count)
+START = "start"  # samples at 16 kHz from the start of the file
 END = "end"
-STRIDE_LEFT = "stride_left"
+STRIDE_LEFT = "stride_left"  # samples shared with the previous chunk
 STRIDE_RIGHT = "stride_right"
-FEATURES = "features"  # float16 log-mel bytes, (n_mels, 3000)
-ERROR = "error"
-ERROR_KIND = "error_kind"
+FEATURES = "features"  # float16 log-mel bytes, (n_mels, 3000); empty: silent, not decoded
+ERROR = "error"  # "<kind>: <reason>": the file failed (an error row carries no audio)
+WARNING = "warning"  # a note that drops no audio ("truncated: ..."); the file's last chunk carries it
 
-# model actors -> merge: per window, segments as parallel lists (times in seconds from window start)
+CHUNK_SCHEMA = pa.schema(
+    [
+        (ID, pa.string()),
+        (AUDIO, pa.string()),
+        (LANGUAGE, pa.string()),
+        (CHUNK_INDEX, pa.int32()),
+        (IS_LAST, pa.bool_()),
+        (START, pa.int64()),
+        (END, pa.int64()),
+        (STRIDE_LEFT, pa.int64()),
+        (STRIDE_RIGHT, pa.int64()),
+        (FEATURES, pa.large_binary()),
+        (ERROR, pa.string()),
+        (WARNING, pa.string()),
+    ]
+)
+# what the model stage reads; everything else of a chunk row passes through it untouched
+MODEL_INPUT = (ID, LANGUAGE, START, END, FEATURES, ERROR)
+
+# token rows: the chunk rows (features dropped) with the chunk's segments as parallel lists, times in
+# seconds from the chunk's start
 SEG_START = "seg_start"
 SEG_END = "seg_end"
 SEG_TOKENS = "seg_tokens"
 NO_SPEECH_PROB = "no_speech_prob"
 AVG_LOGPROB = "avg_logprob"
+TOKEN_COLUMNS = tuple(n for n in CHUNK_SCHEMA.names if n != FEATURES) + (
+    SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB,
+)
+ASSEMBLE_INPUT = (ID, AUDIO, LANGUAGE, CHUNK_INDEX, IS_LAST, START, END, STRIDE_LEFT, STRIDE_RIGHT, ERROR, WARNING,
+                  SEG_START, SEG_END, SEG_TOKENS)
 
-# output table: exactly one row per manifest row
+# output rows: exactly one per manifest row
+TEXT = "text"
+SEGMENTS = "segments"
+DURATION_S = "duration_s"
+NUM_CHUNKS = "num_chunks"
+MODEL = "model"
+STATUS = "status"
 SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),
-        pa.field(AUDIO, pa.string(), nullable=False),
-        pa.field("text", pa.string()),  # whole transcript; "" for silence, null on error
-        pa.field("segments", pa.list_(SEGMENT_TYPE)),  # seconds from the start of the file
-        pa.field(LANGUAGE, pa.string()),  # requested, or detected (most windows' vote)
-        pa.field("duration_s", pa.float64()),  # decoded audio length
-        pa.field("num_chunks", pa.int32()),  # windows transcribed
-        pa.field("model", pa.string()),
-        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field(AUDIO, pa.string(), nullable=False),  # as listed (relative paths resolved), secrets redacted
+        pa.field(TEXT, pa.string()),  # whole transcript; "" for silence, null on error
+        pa.field(SEGMENTS, pa.list_(SEGMENT_TYPE)),  # seconds from the start of the file
+        pa.field(LANGUAGE, pa.string()),  # requested, or detected (most chunks' vote)
+        pa.field(DURATION_S, pa.float64()),  # decoded audio length
+        pa.field(NUM_CHUNKS, pa.int32()),  # chunks transcribed
+        pa.field(MODEL, pa.string()),
+        pa.field(STATUS, pa.string(), nullable=False),  # "ok" or "error"
         pa.field(ERROR, pa.string()),  # "<kind>: <reason>" when status is "error"; a warning otherwise
     ]
 )
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+
+def require(columns: Iterable[str], needed: Iterable[str], stage: str) -> None:
+    """Raise ContractError naming the columns `stage` needs but did not get."""
+    have = set(columns)
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise ContractError(f"the {stage} stage got rows without {', '.join(missing)} (it has: {', '.join(sorted(have))})")

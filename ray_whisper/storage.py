@@ -8,52 +8,14 @@ through our options, logs or errors.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .config import ConfigError, _opt
-
-
-@dataclass(frozen=True)
-class StorageOptions:
-    """S3 settings (AWS, MinIO, Ceph, R2...). Credentials come from the usual AWS environment variables
-    or profiles, never from flags, so that they cannot end up in shell history or logs."""
-
-    s3_endpoint_url: str | None = _opt(
-        None, "S3-compatible endpoint, e.g. http://127.0.0.1:9000 for MinIO (default: AWS, or "
-        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL).", "storage", "URL",
-    )
-    s3_region: str | None = _opt(
-        None, "S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region).", "storage"
-    )
-    s3_profile: str | None = _opt(None, "AWS profile name from ~/.aws (default: AWS_PROFILE).", "storage")
-    s3_anonymous: bool = _opt(False, "Read public buckets without credentials.", "storage")
-
-    def __post_init__(self) -> None:
-        url = self.s3_endpoint_url
-        if url is not None:
-            if re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)?[^/@]*@", url):
-                raise ConfigError(
-                    "--s3-endpoint-url must not hold credentials (user:password@); set AWS_ACCESS_KEY_ID and "
-                    "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment instead"
-                )
-            if not re.match(r"^https?://[^/\s]+", url):
-                raise ConfigError(f"--s3-endpoint-url must be an http:// or https:// URL such as http://127.0.0.1:9000; got {url!r}")
-
-    def resolved(self) -> StorageOptions:
-        """These options with the endpoint and region the environment gives (AWS_ENDPOINT_URL_S3,
-        AWS_ENDPOINT_URL, AWS_REGION, AWS_DEFAULT_REGION) written in, so that the workers, whose
-        environment may differ from the driver's, talk to the same endpoint and region. Credentials are
-        deliberately not resolved: each process finds them itself (env, profile, instance role)."""
-        env = os.environ
-        endpoint = self.s3_endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-        region = self.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-        return dataclasses.replace(self, s3_endpoint_url=endpoint, s3_region=region)
+from .config import StorageOptions
+from .errors import redact
 
 
 def protocol(uri: str) -> str:
@@ -128,26 +90,6 @@ def arrow_filesystem(fs: Any) -> Any:
     import pyarrow.fs as pafs
 
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-def redact(text: str) -> str:
-    """Remove secrets from a message: the values of the AWS secret variables of this process, the
-    password of a URL (scheme://user:password@host), and anything written as secret=..., signature=...
-    (signed URLs)."""
-    for name in SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 8:
-            text = text.replace(value, "***")
-    text = re.sub(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@", r"\1***@", text)
-    return re.sub(
-        r"(?i)(secret[_-]?(access[_-]?)?key|secret|password|token|signature|x-amz-signature|x-amz-credential|"
-        r"x-amz-security-token)(['\"]?\s*[=:]\s*['\"]?)([^&\s'\",}]+)",
-        r"\1\3***",
-        text,
-    )
 
 
 def describe_error(e: BaseException) -> str:

@@ -48,7 +48,8 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = 16_000) -> Path:
 @pytest.fixture(scope="session")
 def speech_clips() -> list[tuple[np.ndarray, str]]:
     """Real speech with exact references: jfk.flac, and the English half of multilingual.mp3."""
-    from ray_whisper.audio import SAMPLE_RATE, decode_all
+    from ray_whisper.audio import decode_all
+    from ray_whisper.constants import SAMPLE_RATE
 
     jfk = decode_all((DATA / "jfk.flac").read_bytes())
     mit = decode_all((DATA / "multilingual.mp3").read_bytes())[: int(29.5 * SAMPLE_RATE)]  # German starts at 31 s

@@ -27,17 +27,10 @@ from audio_helpers import (  # noqa: E402
     wav_header_only,
 )
 
-from ray_whisper.audio import (  # noqa: E402
-    N_SAMPLES,
-    SAMPLE_RATE,
-    AudioError,
-    DecodeError,
-    FetchError,
-    NoAudioError,
-    decode_all,
-    decode_stream,
-    fetch_bytes,
-)
+from ray_whisper.audio import decode_all, decode_stream, fetch_bytes  # noqa: E402
+from ray_whisper.constants import N_SAMPLES, SAMPLE_RATE  # noqa: E402
+from ray_whisper.errors import DecodeError, FetchError, NoAudioError  # noqa: E402
+from ray_whisper.errors import FileError as AudioError  # noqa: E402  (the per-file base)
 
 TOLERANCE = int(0.050 * SAMPLE_RATE)  # codecs pad the start/end by up to a frame or two
 MAX_FRAME = 4096  # a piece may overshoot piece_samples by at most one decoded frame (at 16 kHz)

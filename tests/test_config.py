@@ -12,9 +12,9 @@ import time
 import pytest
 
 from ray_whisper import cli
-from ray_whisper.config import ConfigError, TranscribeOptions, add_arguments, from_namespace
+from ray_whisper.config import ConfigError, TranscribeOptions, add_arguments, from_namespace, option_fields
 
-FIELDS = [f.name for f in dataclasses.fields(TranscribeOptions)]
+FIELDS = [f.name for f in option_fields()]
 
 # a valid value different from the default for every field (checked below to stay complete)
 NON_DEFAULT = {
@@ -41,6 +41,10 @@ NON_DEFAULT = {
     "overwrite": True,
     "dashboard": True,
     "allow_partial": True,
+    "s3_endpoint_url": "http://127.0.0.1:9000",
+    "s3_region": "eu-west-1",
+    "s3_profile": "other",
+    "s3_anonymous": True,
 }
 
 
@@ -169,7 +173,7 @@ def test_help_contains_every_fields_help(capsys, monkeypatch):
         cli.build_parser().parse_args(["transcribe", "--help"])
     assert ei.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    for f in dataclasses.fields(TranscribeOptions):
+    for f in option_fields():
         text = " ".join(f.metadata["help"].split())
         assert text, f"{f.name} has no help"
         assert text in out, f"help of {f.name} missing from --help"
@@ -275,9 +279,20 @@ def test_cli_process_fails_fast_and_never_imports_ray(tmp_path):
     assert elapsed < 10, f"interpreter start + import + fail took {elapsed:.1f} s"
 
 
-def test_geometry_is_the_window_options_in_samples():
+def test_geometry_is_the_chunk_options_in_samples():
     from ray_whisper.chunking import ChunkGeometry
 
     opts = TranscribeOptions(chunk_length_s=20.0, stride_length_s=1.0, search_length_s=5.0)
-    assert opts.geometry() == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
-    assert opts.geometry() != TranscribeOptions().geometry()
+    assert opts.chunks.geometry() == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
+    assert opts.chunks.geometry() != TranscribeOptions().chunks.geometry()
+
+
+def test_each_stage_gets_only_its_group():
+    """The model actors are built with DecodingOptions alone; a flat option lands in its group."""
+    from ray_whisper.config import DecodingOptions, ResourceOptions
+
+    opts = TranscribeOptions(resources=ResourceOptions(batch_size=4), beam_size=3, overwrite=True)
+    assert opts.decoding == DecodingOptions(beam_size=3) and opts.resources.batch_size == 4 and opts.run.overwrite
+    assert "overwrite" not in {f.name for f in dataclasses.fields(DecodingOptions)}
+    with pytest.raises(ConfigError, match="unknown option.*bogus"):
+        TranscribeOptions(bogus=1)

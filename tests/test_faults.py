@@ -153,6 +153,8 @@ def test_bad_option_fails_on_the_driver_before_any_worker(tmp_path, capsys):
     started = time.monotonic()
     assert cli.main(["transcribe", str(manifest), str(tmp_path / "out"), "--language", "xx"]) == 2
     assert time.monotonic() - started < 5
+    assert "unknown language 'xx'" in capsys.readouterr().err  # no language at all, whatever the model
+    assert cli.main(["transcribe", str(manifest), str(tmp_path / "out"), "--language", "de"]) == 2
     assert "needs a multilingual model" in capsys.readouterr().err  # the default model is English-only
     out = tmp_path / "out"  # may exist (checked writable first), but holds no result
     assert not out.exists() or not any(out.glob("part-*")) and not (out / SUCCESS).exists()

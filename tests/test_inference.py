@@ -1,5 +1,6 @@
-"""The resident-model decoder on real speech, without Ray: greedy and beam search, the no-speech rule,
-language detection and per-row languages with a multilingual model."""
+"""The resident-model decoder on real speech, without Ray: greedy and beam search (one engine: the project's
+own network and cache), the no-speech rule, language detection and per-row languages with a multilingual
+model."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from ray_whisper import evaluation as ev
 from ray_whisper import features
-from ray_whisper.config import TranscribeOptions
+from ray_whisper.config import DecodingOptions
+from ray_whisper.decoding import RuleState, choose_greedy
 from ray_whisper.inference import Transcriber
 
 from conftest import REFS
@@ -20,12 +22,12 @@ pytestmark = pytest.mark.slow
 
 def text_of(transcriber, result) -> str:
     tok = transcriber.tokenizer
-    return "".join(tok.decode(t) for _, _, t in result["segments"])
+    return "".join(tok.decode(t) for _, _, t in result.segments)
 
 
 @pytest.fixture(scope="module")
 def greedy(bundled_model):
-    return Transcriber(bundled_model, TranscribeOptions(), 80, cpu_threads=2)
+    return Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
 
 
 def test_greedy_and_beam_search_transcribe_real_speech(bundled_model, greedy, speech_clips):
@@ -33,12 +35,12 @@ def test_greedy_and_beam_search_transcribe_real_speech(bundled_model, greedy, sp
     feats = features.log_mel([jfk], 80)
     (g,) = greedy.decode(feats, [None], [jfk.size / 16_000])
     assert ev.wer([ref], [text_of(greedy, g)]) <= 0.05
-    beam = Transcriber(bundled_model, TranscribeOptions(beam_size=3), 80, cpu_threads=2)
+    beam = Transcriber(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
     (b,) = beam.decode(feats, [None], [jfk.size / 16_000])
     assert ev.wer([ref], [text_of(beam, b)]) <= 0.05
-    assert b["avg_logprob"] < 0 and g["avg_logprob"] < 0
+    assert b.avg_logprob < 0 and g.avg_logprob < 0
     # segments are timed within the window and in order
-    ends = [e for _, e, _ in g["segments"]]
+    ends = [e for _, e, _ in g.segments]
     assert ends == sorted(ends) and ends[-1] <= jfk.size / 16_000
 
 
@@ -71,7 +73,9 @@ def test_timestamp_rules_choose_as_transformers_logits_processor(greedy):
         expected = processor(ids, logits.clone())
         want = expected.argmax(-1)
         want_lp = expected.log_softmax(-1).gather(1, want[:, None])[:, 0]
-        got, got_lp = dec._pick_with_timestamps(logits.clone(), step, last_was, penult_was, last_ts, torch.arange(vocab - ts))
+        masked = logits.clone()
+        dec.rules.apply(masked, step, RuleState(last_was, penult_was, last_ts))
+        got, got_lp = choose_greedy(masked)
         assert got.tolist() == want.tolist(), f"step {step}"
         torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-4)
         text_best = logits[:, :ts].max(-1).values
@@ -92,8 +96,8 @@ def test_noise_alone_gives_no_text(greedy):
     """Whisper's no-speech rule: high no-speech probability and low confidence -> the window is silence."""
     noise = np.random.default_rng(0).normal(0, 0.01, 16_000 * 20).astype(np.float32)
     (r,) = greedy.decode(features.log_mel([noise], 80), [None], [20.0])
-    assert r["no_speech_prob"] > 0.5
-    assert r["segments"] == []
+    assert r.no_speech_prob > 0.5
+    assert r.segments == []
 
 
 def test_speech_after_an_early_stop_is_recovered(greedy, speech_clips):
@@ -129,20 +133,20 @@ def test_multilingual_model_detects_language_per_window(multilingual_model):
 
     audio = decode_all((DATA / "multilingual.mp3").read_bytes())
     english, german = audio[: int(29.5 * 16_000)], audio[31 * 16_000 : 60 * 16_000]
-    tr = Transcriber(multilingual_model, TranscribeOptions(), 80, cpu_threads=2)
+    tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)
     feats = features.log_mel([english, german], 80)
     detected = tr.decode(feats, [None, None], [29.5, 29.0])
-    assert [r["language"] for r in detected] == ["en", "de"]
+    assert [r.language for r in detected] == ["en", "de"]
     assert ev.wer([REFS["multilingual.mp3"]["text_en"]], [text_of(tr, detected[0])]) <= 0.15
     # one batch, two requested languages: each row is decoded with its own language token
     forced = tr.decode(feats, ["en", "de"], [29.5, 29.0])
-    assert [r["language"] for r in forced] == ["en", "de"]
+    assert [r.language for r in forced] == ["en", "de"]
     assert "software" in ev.normalize(text_of(tr, forced[1]))
 
 
 RENICE = """
 import os, threading
-from ray_whisper.inference import run_at_normal_priority
+from ray_whisper.tuning import run_at_normal_priority
 before = threading.Thread(target=threading.Event().wait, daemon=True)  # a thread that exists already
 before.start()
 print(os.getpriority(os.PRIO_PROCESS, 0), run_at_normal_priority())

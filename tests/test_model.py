@@ -20,19 +20,23 @@ import numpy as np
 import pytest
 
 from ray_whisper import model as rw_model
-from ray_whisper.model import (
-    BUNDLED_MODEL,
-    COMPLETE_MARKER,
-    ModelError,
-    bundled_model_dir,
-    convert_ctranslate2_whisper,
-    read_ctranslate2_model,
-    resolve_model,
-)
+from ray_whisper.config import BUNDLED_MODEL
+from ray_whisper.convert import convert_ctranslate2_whisper
+from ray_whisper.ct2 import read_ctranslate2_model
+from ray_whisper.errors import ModelError
+from ray_whisper.model import COMPLETE_MARKER, bundled_model_dir, resolve_model
 
 DATA = Path(__file__).parent / "data"
 JFK = DATA / "jfk.flac"
 JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+
+
+def load_transformers(path):
+    """The reference: transformers' own model and processor for a converted directory, on CPU in float32."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(str(path), attn_implementation="sdpa", local_files_only=True)
+    return model.eval(), WhisperProcessor.from_pretrained(str(path), local_files_only=True)
 
 
 def _words(text: str) -> list[str]:
@@ -95,7 +99,7 @@ def tiny(bundled_dir, one_thread):
     """(model, processor) for the converted bundled model, float32 on CPU."""
     import torch
 
-    return rw_model.load_whisper(str(bundled_dir), None, "cpu", torch.float32)
+    return load_transformers(bundled_dir)
 
 
 def _features(processor, audio: np.ndarray) -> np.ndarray:
@@ -214,9 +218,8 @@ def test_resolve_model_passthrough(tmp_path, monkeypatch):
 def test_import_is_light():
     """Importing ray_whisper.model must not pull in torch/transformers (Ray workers import it)."""
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('m', {str(Path(rw_model.__file__))!r})\n"
-        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "import sys\n"
+        "import ray_whisper.model, ray_whisper.ct2, ray_whisper.convert\n"
         "heavy = [m for m in ('torch', 'transformers', 'ctranslate2') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -320,7 +323,7 @@ def test_int8_quantized_roundtrip(bundled_dir, tmp_path, jfk_audio, one_thread):
     assert meta["aliases"] == {"decoder/projection/weight": "decoder/embeddings/weight"}
 
     converted = convert_ctranslate2_whisper(ct2_dir, tmp_path / "hf-int8")
-    model, processor = rw_model.load_whisper(str(converted), None, "cpu", torch.float32)
+    model, processor = load_transformers(converted)
     features = _features(processor, jfk_audio)
     text = _compare_with_ctranslate2(model, processor, ct2_dir, features, ["<|startoftranscript|>", "<|notimestamps|>"])
     assert _words(text) == _words(JFK_TEXT)
@@ -380,7 +383,7 @@ def test_multilingual_base_matches_ctranslate2(tmp_path, jfk_audio, one_thread):
     started = time.perf_counter()
     converted = convert_ctranslate2_whisper(data1, tmp_path / "hf-base", model_bin=ct2_dir / "model.bin")
     print(f"\nbase conversion: {time.perf_counter() - started:.1f}s")
-    model, processor = rw_model.load_whisper(str(converted), None, "cpu", torch.float32)
+    model, processor = load_transformers(converted)
     assert model.config.vocab_size == len(processor.tokenizer) == 51865
     gen = model.generation_config
     assert gen.is_multilingual and gen.lang_to_id["<|en|>"] == 50259 and len(gen.lang_to_id) == 99

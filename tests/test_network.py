@@ -136,7 +136,7 @@ def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_mode
 ENCODE_FIVE_TIMES = """
 import resource, sys, torch
 from ray_whisper import network
-from ray_whisper.inference import keep_freed_memory
+from ray_whisper.tuning import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(2)

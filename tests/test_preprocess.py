@@ -1,4 +1,4 @@
-"""The CPU stage without Ray: manifest rows -> chunk rows, for files with any number of windows."""
+"""The CPU stage without Ray: manifest rows -> chunk rows, for files with any number of chunks."""
 
 import numpy as np
 import pyarrow as pa
@@ -6,7 +6,8 @@ import pytest
 
 from ray_whisper import features, schema
 from ray_whisper.chunking import ChunkGeometry
-from ray_whisper.preprocess import CHUNK_SCHEMA, chunk_batch
+from ray_whisper.preprocess import chunk_batch
+from ray_whisper.schema import CHUNK_SCHEMA
 
 from conftest import write_wav
 
@@ -47,4 +48,4 @@ def test_silent_windows_carry_no_features_and_errors_one_row(tmp_path):
     silent_rows = [r for r in rows if r["id"] == "f0"]
     assert len(silent_rows) == 2 and all(r[schema.FEATURES] == b"" for r in silent_rows)
     (err,) = [r for r in rows if r["id"] == "f1"]
-    assert err[schema.ERROR_KIND] == "fetch_error" and err[schema.IS_LAST] and err[schema.FEATURES] == b""
+    assert err[schema.ERROR].startswith("fetch_error: ") and err[schema.IS_LAST] and err[schema.FEATURES] == b""

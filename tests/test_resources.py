@@ -7,11 +7,11 @@ import logging
 import pytest
 
 from ray_whisper.config import ConfigError, TranscribeOptions
-from ray_whisper.pipeline import plan_resources
+from ray_whisper.resources import plan_resources
 
 
 def plan(cluster, node_cpus=None, **options):
-    return plan_resources(TranscribeOptions(**options), cluster, node_cpus)
+    return plan_resources(TranscribeOptions(**options).resources, cluster, node_cpus)
 
 
 def test_cpu_only_cluster_runs_one_cpu_actor_with_the_node_cores():
@@ -79,7 +79,7 @@ def test_automatic_batch_size_fits_the_models_decoder_cache_in_memory():
     """A batch holds 2 x layers x 1500 x d_model cross-attention values per window through its decoding:
     tiny gets the cap on either device; large-v3 in fp32 on CPU (491 MB a window) only 4 in 2 GiB."""
     assert plan({"CPU": 2.0}, [2.0]).batch_size == 16
-    assert plan_resources(TranscribeOptions(), {"CPU": 2.0}, [2.0], TINY).batch_size == 16
-    assert plan_resources(TranscribeOptions(), {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 4
-    assert plan_resources(TranscribeOptions(), {"CPU": 8.0, "GPU": 1.0}, [8.0], LARGE_V3).batch_size == 32
-    assert plan_resources(TranscribeOptions(batch_size=3), {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 3
+    assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], TINY).batch_size == 16
+    assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 4
+    assert plan_resources(TranscribeOptions().resources, {"CPU": 8.0, "GPU": 1.0}, [8.0], LARGE_V3).batch_size == 32
+    assert plan_resources(TranscribeOptions(batch_size=3).resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 3

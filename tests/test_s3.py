@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_whisper import cli, output, pipeline, schema, storage
-from ray_whisper.audio import FetchError, fetch_bytes
+from ray_whisper.audio import fetch_bytes
+from ray_whisper.errors import FetchError, redact
 from ray_whisper.manifest import LISTING, ManifestError, manifest_format, read_manifest
-from ray_whisper.storage import StorageOptions
+from ray_whisper.config import StorageOptions, TranscribeOptions
 
 from conftest import DATA, REFS, write_wav
 
@@ -326,8 +327,8 @@ def test_right_credentials_read_and_write_and_a_denied_object_is_that_files_erro
         list(file_to_chunks(row, geom, 80, fs, out))
     rows = {r["audio"].rsplit("/", 1)[1]: r for r in out.take().to_pylist()}
     assert rows["ok.wav"]["error"] is None and rows["ok.wav"]["end"] == 16_000
-    assert rows["denied.wav"]["error_kind"] == "fetch_error"
-    assert rows["denied.wav"]["error"] == f"access denied: s3://{PRIVATE}/audio/denied.wav"
+    # the kind, then the reason
+    assert rows["denied.wav"]["error"] == f"fetch_error: access denied: s3://{PRIVATE}/audio/denied.wav"
 
     use_credentials(monkeypatch, private_s3["key_id"], "wrong-secret-" + "y" * 24)
     with pytest.raises(FetchError, match="access denied") as err:
@@ -341,7 +342,7 @@ def test_secrets_are_redacted_from_error_messages():
         fetch_bytes(f"http://127.0.0.1:{_free_port()}/a.wav?X-Amz-Credential=AKIA%2Fx&X-Amz-Signature={secret}")
     assert err.value.kind == "fetch_error" and "X-Amz-Signature=***" in str(err.value)
     assert_no_secret("a fetch error", str(err.value), [secret])
-    text = storage.redact(f"connect to https://user:{secret}@minio:9000 failed; secret_key={secret}")
+    text = redact(f"connect to https://user:{secret}@minio:9000 failed; secret_key={secret}")
     assert secret not in text and "https://user:***@minio:9000" in text
 
 
@@ -350,9 +351,7 @@ def test_nothing_secret_travels_to_the_workers(s3):
     has connected and signed requests. Each worker finds the credentials in its own environment."""
     import pickle
 
-    from ray_whisper.pipeline import split_options
-
-    _, opts = split_options(None, None, {"s3_endpoint_url": s3["url"]})
+    opts = TranscribeOptions(s3_endpoint_url=s3["url"]).storage.resolved()
     fs = storage.filesystem(f"s3://{OUT}/x", opts)
     assert fs.ls(OUT) is not None  # connected, credentials resolved
     for what, obj in (("options", opts), ("filesystem", storage.arrow_filesystem(fs))):

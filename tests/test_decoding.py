@@ -1,0 +1,81 @@
+"""The one decoder's beam search: exact on a network small enough to search exhaustively, and the same answer
+for a chunk whether it shares its batch (and its cache's reordering) with other chunks or not."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ray_whisper import features, network
+from ray_whisper.config import DecodingOptions
+from ray_whisper.decoding import Decoder
+from ray_whisper.tokens import SpecialTokens
+
+# a vocabulary of 5 text tokens (0-4), then end of text and the control tokens, then 4 timestamps
+TINY = {"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "decoder_layers": 2,
+        "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "vocab_size": 14,
+        "num_mel_bins": 80, "max_source_positions": 1500, "max_target_positions": 16}
+SPECIAL = SpecialTokens(eot=5, sot=6, no_timestamps=9, timestamp_begin=10, no_speech=8, transcribe=7, translate=7,
+                        languages={}, suppress=(), suppress_at_begin=())
+TEXT = range(5)
+
+
+def sequence_logprob(net, feats: torch.Tensor, tokens: list[int], suppress: torch.Tensor) -> float:
+    """Log-probability of `tokens` after the prompt, each step's suppressed tokens masked out first."""
+    with torch.inference_mode():
+        cache = net.new_cache(net.encode(feats), 2 + len(tokens))
+        ids = torch.tensor([[SPECIAL.sot, SPECIAL.no_timestamps] + tokens])
+        logits = net.decode(ids[:, :-1] if tokens else ids, cache, every_position=True)[0, 1:]
+    logits = logits.clone()
+    logits[:, suppress] = -math.inf
+    return float(logits.log_softmax(-1)[torch.arange(len(tokens)), torch.tensor(tokens)].sum()) if tokens else 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 4, 5])
+def test_beam_search_finds_the_best_sequence_of_an_exhaustive_search(seed):
+    """Every sequence of up to 3 tokens scored by its log-probability per token, as the beam ranks them; with
+    beams to hold them all, beam search must return the best one and its log-probability."""
+    net = network.random_init(TINY, seed=seed)
+    with torch.no_grad():
+        net.proj_out.weight.mul_(0.3)  # a random network's logits are peaked: soften them so lengths compete
+    steps = 3
+    options = DecodingOptions(timestamps=False, beam_size=200, max_new_tokens=steps)
+    decoder = Decoder(net, SPECIAL, options)
+    feats = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(seed))
+    candidates = [list(t) + [SPECIAL.eot] for n in range(steps) for t in itertools.product(TEXT, repeat=n)]
+    candidates += [list(t) for t in itertools.product(TEXT, repeat=steps)]  # cut at the token limit
+    scored = []
+    for seq in candidates:
+        text = [t for t in seq if t != SPECIAL.eot]
+        total = sequence_logprob(net, feats, seq, decoder.suppress)
+        scored.append((total / max(len(text), 1), text, total))
+    best_score, best, best_total = max(scored)
+    runner_up = sorted(scored)[-2][0]
+    assert best_score - runner_up > 1e-3, "a near tie: the test would not tell a right answer from a wrong one"
+    assert best != max(scored, key=lambda s: s[2])[1], "per-token ranking must matter for this network"
+    (got,) = decoder(feats.numpy(), [None])
+    assert got.tokens == best, (got.tokens, best, sorted(scored)[-3:])
+    assert got.avg_logprob == pytest.approx(best_total / max(len(best), 1), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_chunk_decodes_the_same_alone_and_in_a_batch_whose_chunks_end_at_different_steps(bundled_model, speech_clips):
+    """Beam search over a batch reorders and drops its chunks' rows as they end; every chunk's answer must be
+    the one it gets decoded alone."""
+    from ray_whisper.inference import Transcriber
+
+    jfk, mit = speech_clips[0][0], speech_clips[1][0]
+    audio = [jfk, mit, jfk[: 16_000 * 4], mit[16_000 * 10 :]]  # different lengths: they finish at different steps
+    feats = features.log_mel(audio, 80)
+    tr = Transcriber(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
+    together = tr.decoder(feats, [None] * len(audio))
+    alone = [tr.decoder(feats[i : i + 1], [None])[0] for i in range(len(audio))]
+    assert len({len(r.tokens) for r in together}) == len(audio)
+    for t, a in zip(together, alone):
+        assert t.tokens == a.tokens
+        assert t.avg_logprob == pytest.approx(a.avg_logprob, abs=1e-3)
+    assert np.isfinite([r.avg_logprob for r in together]).all()
