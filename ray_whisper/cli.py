@@ -7,7 +7,7 @@ import logging
 import sys
 
 from . import config
-from .errors import RayWhisperError, redact
+from .errors import Interrupted, RayWhisperError, redact
 
 DESCRIPTION = """\
 Transcribe every audio file listed in MANIFEST with Whisper on a Ray cluster (the one in RAY_ADDRESS,
@@ -37,15 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 when every row is ok (or --allow-partial), 1 when some rows are errors,
-    2 when the run could not start (bad option, manifest, model or output)."""
+    """Exit status: 0 when every row is ok (or --allow-partial), 1 when some rows are errors, 2 when the run
+    could not start or could not write its output (bad option, manifest, model or output), 130 when it was
+    interrupted (what finished is kept; a rerun resumes)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = config.from_namespace(args)
+        _quiet_ray_logging()
         from .pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
 
         summary = transcribe(args.manifest, args.output, options)
+    except Interrupted as e:
+        print(f"ray-whisper: {redact(str(e))}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("ray-whisper: interrupted before any file was transcribed; nothing to resume", file=sys.stderr)
+        return 130
     except RayWhisperError as e:
         print(f"ray-whisper: error: {redact(str(e))}", file=sys.stderr)
         return 2
@@ -57,5 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _quiet_ray_logging() -> None:
+    """What a run prints: ray_whisper's own lines (progress, resume, errors) and Ray's warnings and errors.
+    Ray Data's INFO lines (execution plans, log paths) and its notice that its bars are off (ours count files)
+    are left out; its full logs stay in the Ray session's log folder."""
+    import ray.data  # noqa: F401  (~2 s, only once the options are known to be good) sets up Ray Data's loggers
+    from ray.util.debug import log_once
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    log_once("ray_data_progress_manager_disabled")  # marks Ray Data's one-time notice as already shown
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

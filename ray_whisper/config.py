@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -264,6 +266,12 @@ class TranscribeOptions:
     def flat(self) -> dict[str, Any]:
         """Every option by name."""
         return {name: getattr(getattr(self, group), name) for name, group in OWNER.items()}
+
+    def fingerprint(self) -> str:
+        """12 hex digits naming the options that shape a transcript (decoding and chunks): written into every
+        output row, so that a rerun with other options can tell the rows made with the old ones."""
+        shaping = dataclasses.asdict(self.decoding) | dataclasses.asdict(self.chunks)
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def option_fields() -> list[dataclasses.Field]:

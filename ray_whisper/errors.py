@@ -48,6 +48,10 @@ class IncompleteOutputError(OutputError):
     """The output has no _SUCCESS marker: its run did not finish, rows may be missing."""
 
 
+class Interrupted(RayWhisperError):
+    """The run was stopped (Ctrl-C, SIGTERM); the message says what was kept and how to resume (exit 130)."""
+
+
 class ContractError(RayWhisperError):
     """A stage got a batch without the columns it needs: a wiring bug, never the user's input."""
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from . import schema
 from .errors import ManifestError, redact
-from .storage import describe_error, protocol, strip
+from .storage import describe_error, protocol, public_uri, strip
 
 FORMATS = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
 LISTING = "listing"  # manifest_format of a folder/prefix ending in "/" or a glob
@@ -72,8 +72,9 @@ def _file_format(uri: str) -> str:
 
 
 def stable_id(audio: str) -> str:
-    """The default id: the first 16 hex digits of the SHA-1 of the audio URI, stable across runs."""
-    return hashlib.sha1(audio.encode("utf-8")).hexdigest()[:16]
+    """The default id: the first 16 hex digits of the SHA-1 of the audio URI as stored (storage.public_uri:
+    without its secrets), stable across runs and across re-signed URLs."""
+    return hashlib.sha1(public_uri(audio).encode("utf-8")).hexdigest()[:16]
 
 
 def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:

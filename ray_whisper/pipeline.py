@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,29 +18,22 @@ import pyarrow as pa
 import tokenizers
 
 from . import schema, storage
-from .assemble import merge_file
+from .assemble import Assembler
+from .cluster import connect
 from .config import StorageOptions, TranscribeOptions
-from .errors import ConfigError
+from .errors import ConfigError, Interrupted, OutputError
 from .manifest import read_manifest
 from .model import model_files, resolve_model
 from .output import OutputDir, new_run_id
+from .parts import PartWriter
 from .preprocess import chunk_batch
-from .report import Summary, summarize
-from .resources import Resources, plan_resources
+from .report import Progress, Summary, summarize
+from .resources import plan_resources
 from .tokens import language_code, special_tokens
 
 log = logging.getLogger(__name__)
 
-
-def connect(dashboard: bool = False) -> None:
-    """Join the cluster in RAY_ADDRESS when set (ray job submit sets it), else start a local Ray (with its
-    dashboard only when asked: on a small machine it takes ~2.5 s of start-up and CPU from the model)."""
-    import ray  # ~1 s: imported when a run starts, not when the CLI parses its flags
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=True, **({} if address else {"include_dashboard": dashboard}))
+ASSEMBLE_BATCHES = 4  # model batches whose completed files are written as one part
 
 
 @dataclass(frozen=True)
@@ -85,24 +77,28 @@ def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None 
 def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
     """The lazy Ray Dataset of output rows (schema.OUTPUT_SCHEMA), one per manifest row, for users who
     compose their own pipeline. Nothing runs until the dataset is consumed."""
-    import ray
-    import ray.data
-
     options = (options or TranscribeOptions()).replace(**overrides)
     prepared = manifest if isinstance(manifest, Prepared) else prepare(manifest, options)
     connect(options.run.dashboard)
+    return _assembled(prepared, options, writer=None)
+
+
+def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None) -> Any:
+    """manifest rows -> chunk rows -> token rows -> output rows (no writer) or receipts of written parts."""
+    import ray
+    import ray.data
+
+    from .inference import Transcriber  # torch and the network, ~3 s: the driver never needs them
+
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
-
     table = prepared.manifest
     step = options.resources.files_per_task
     context = ray.data.DataContext.get_current()
     # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
     # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
     context.max_errored_blocks = -1
-    # The merge's shuffle carries only tokens (KBs per file). Ray's default shuffle (v2) starts aggregator
-    # actors when the model stage ends: ~7 s after the last batch on a 2-CPU machine, 0.4 s with pull tasks.
-    context.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
     files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;
@@ -119,75 +115,95 @@ def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = 
         # whole batches: chunks arrive in blocks of one decode task's files (1 to ~40 chunks); cut and joined
         # into blocks of exactly one batch, the model never runs a ragged batch of 2 where 16 fit
         chunks = chunks.repartition(target_num_rows_per_block=res.batch_size, strict=True)
-        tokens = _model_stage(chunks, prepared, options, res)
-    # a few partitions: each is a task to schedule (~0.5 s of a small machine's CPU); 8 on an autoscaling
-    # cluster that starts with no CPU
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    partitions = max(1, min(table.num_rows, 2 * cpus if cpus else 8))
-    return tokens.groupby(schema.ID, num_partitions=partitions).map_groups(
-        merge_file,
-        fn_kwargs={"tokenizer_json": prepared.tokenizer_json, "model_name": options.decoding.model},
-        batch_format="numpy",
-    )
-
-
-def _model_stage(chunks: Any, prepared: Prepared, options: TranscribeOptions, res: Resources) -> Any:
-    import ray.data
-
-    from .inference import Transcriber  # torch and the network: the driver never needs them
-
-    return chunks.map_batches(
-        Transcriber,
-        fn_constructor_kwargs={
-            "model_path": prepared.model_path, "options": options.decoding, "cpu_threads": res.cpu_threads,
-        },
-        batch_size=res.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-        num_gpus=res.gpus_per_actor,
-        num_cpus=res.cpus_per_actor,
-        max_restarts=-1,  # a dead model actor is replaced...
-        max_task_retries=-1,  # ...and the batches it held are retried on the pool
-    )
+        tokens = chunks.map_batches(
+            Transcriber,
+            fn_constructor_kwargs={
+                "model_path": prepared.model_path, "options": options.decoding, "cpu_threads": res.cpu_threads,
+            },
+            batch_size=res.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+            num_gpus=res.gpus_per_actor,
+            num_cpus=res.cpus_per_actor,
+            max_restarts=-1,  # a dead model actor is replaced...
+            max_task_retries=-1,  # ...and the batches it held are retried on the pool
+        )
+        return tokens.map_batches(
+            Assembler,
+            fn_constructor_kwargs={
+                "tokenizer_json": prepared.tokenizer_json, "model_name": options.decoding.model,
+                "fingerprint": options.fingerprint(), "writer": writer,
+            },
+            # the files completed by this many model batches are written together: fewer, larger parts, and
+            # what a killed run can lose beyond the files still being decoded (README: failure semantics)
+            batch_size=ASSEMBLE_BATCHES * res.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),  # one actor sees every chunk of every file
+            num_cpus=0,  # light (a merge is milliseconds): it must not take a CPU from the decode tasks
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
 
 
 def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:
     """Transcribe every row of `manifest` into Parquet under `output`; returns the run's summary.
 
-    Options are a TranscribeOptions, keywords (`batch_size=16`), or both. Rows already in `output` with status
-    ok are skipped (resume); see output.py for the layout.
+    Options are a TranscribeOptions, keywords (`batch_size=16`), or both. Rows already in `output` are skipped
+    (resume); results reach `output` as files finish, so an interrupted run keeps them (see output.py).
     """
     started = time.perf_counter()
     options = (options or TranscribeOptions()).replace(**overrides)
     out = OutputDir.open(output, options.storage.resolved())
     prepared = prepare(manifest, options, out)
-    todo = out.begin(prepared.manifest, overwrite=options.run.overwrite, retry_errors=options.run.retry_errors)
+    todo, done = out.begin(prepared.manifest, options.fingerprint(), overwrite=options.run.overwrite,
+                           retry_errors=options.run.retry_errors)
     run_id = new_run_id()
-    skipped = prepared.manifest.num_rows - todo.num_rows
-    if skipped:
-        log.info("resuming: %d of %d rows already in %s", skipped, prepared.manifest.num_rows, output)
+    if done.num_rows:
+        log.info("resuming: %d of %d rows already in %s", done.num_rows, prepared.manifest.num_rows, output)
+    receipts = schema.RECEIPT_SCHEMA.empty_table()
     if todo.num_rows:
-        ds = build_dataset(dataclasses.replace(prepared, manifest=todo), options)
-        ds.write_parquet(
-            out.root,
-            filesystem=storage.arrow_filesystem(out.fs),
-            filename_provider=_PartNames(run_id),
-        )
-    table = out.complete(prepared.manifest, run_id, options.decoding.model)
-    summary = summarize(table, time.perf_counter() - started, output, run_id, skipped)
-    out.commit(summary.as_dict())
+        started_ray = connect(options.run.dashboard)
+        try:
+            ds = _assembled(dataclasses.replace(prepared, manifest=todo), options, out.writer(run_id))
+            receipts = _collect(ds, todo.num_rows, done.num_rows, output)
+        except BaseException:
+            if started_ray:  # a local Ray goes with a run that stops early; kept after success, for the next run
+                _stop_local_ray()
+            raise
+    rows = out.complete(prepared.manifest, done, receipts, run_id, options.decoding.model, options.fingerprint())
+    summary = summarize(rows, receipts, time.perf_counter() - started, output, done.num_rows)
+    out.commit(run_id, rows, summary.as_dict())
     return summary
 
 
-class _PartNames:
-    """part-<run>-<write uuid>-<task>[-<n>].parquet (Ray appends -<n>): one run's files sort together and
-    never collide with another run's (Ray requires the write uuid in the name when appending)."""
+def _collect(ds: Any, total: int, earlier: int, output: str) -> pa.Table:
+    """Run the dataset, showing progress from its receipts; stop at the first part that could not be written."""
+    progress = Progress(total)
+    blocks = []
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            failed = [e for e in block[schema.WRITE_ERROR].to_pylist() if e]
+            if failed:
+                saved = sum(b.num_rows for b in blocks)
+                raise OutputError(
+                    f"writing to {output} failed: {failed[0]}. The {saved} file(s) finished before are saved; "
+                    "free space (or fix the permissions) and rerun the same command to transcribe the rest"
+                )
+            blocks.append(block)
+            progress.update(block)
+    except KeyboardInterrupt:
+        saved = sum(b.num_rows for b in blocks)
+        raise Interrupted(
+            f"interrupted: at least {saved} of this run's {total} file(s) are saved in {output}"
+            + (f" (and {earlier} from earlier runs)" if earlier else "")
+            + "; rerun the same command to transcribe the rest"
+        ) from None
+    finally:
+        progress.close()
+    return pa.concat_tables(blocks) if blocks else schema.RECEIPT_SCHEMA.empty_table()
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{self.run_id}-{write_uuid}-{task_index:06}.parquet"
+def _stop_local_ray() -> None:
+    import ray
 
-    def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
-        return self.get_filename_for_task(write_uuid, task_index)
+    ray.shutdown()

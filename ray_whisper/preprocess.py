@@ -62,7 +62,9 @@ def file_to_chunks(
     row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector
 ) -> Iterator[pa.Table]:
     """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up."""
-    base = {schema.ID: row[schema.ID], schema.AUDIO: row[schema.AUDIO], schema.LANGUAGE: row.get(schema.LANGUAGE)}
+    # the URI without its secrets travels on (to the output); the real one is only used to fetch
+    base = {schema.ID: row[schema.ID], schema.AUDIO: storage.public_uri(row[schema.AUDIO]),
+            schema.LANGUAGE: row.get(schema.LANGUAGE)}
     notes: list[str] = []
     pending: list[tuple[Chunk, np.ndarray]] = []
     emitted = 0

@@ -1,14 +1,21 @@
-"""What a run did: the summary printed at the end of the CLI and written into _SUCCESS."""
+"""What a run did and is doing: the progress shown while it runs, and the summary printed at the end of the CLI
+and written into _SUCCESS."""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 
 from . import schema
-from .errors import kind_of
+from .output import error_counts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,16 +61,61 @@ class Summary:
         return "\n".join(lines)
 
 
-def summarize(table: pa.Table, wall_s: float, output: str, run_id: str = "", skipped: int = 0) -> Summary:
-    """Counts over the whole output; audio seconds and throughput over the rows this run wrote."""
-    ok = [s == schema.STATUS_OK for s in table[schema.STATUS].to_pylist()]
-    kinds: dict[str, int] = {}
-    for good, err in zip(ok, table[schema.ERROR].to_pylist()):
-        if not good:
-            kinds[kind_of(err)] = kinds.get(kind_of(err), 0) + 1
-    this_run = (
-        [f"part-{run_id}-" in p for p in table["_part"].to_pylist()] if run_id and "_part" in table.column_names
-        else [True] * table.num_rows
-    )
-    audio_s = sum(d or 0.0 for d, good, mine in zip(table[schema.DURATION_S].to_pylist(), ok, this_run) if good and mine)
-    return Summary(sum(ok), len(ok) - sum(ok), audio_s, wall_s, output, kinds, skipped)
+def summarize(rows: pa.Table, receipts: pa.Table, wall_s: float, output: str, skipped: int = 0) -> Summary:
+    """Counts over the manifest's rows (`rows`, one per manifest row, earlier runs' included); audio seconds and
+    throughput over the files this run transcribed (`receipts`)."""
+    ok = sum(s == schema.STATUS_OK for s in rows[schema.STATUS].to_pylist())
+    audio_s = sum(d or 0.0 for d, s in zip(receipts[schema.DURATION_S].to_pylist(), receipts[schema.STATUS].to_pylist())
+                  if s == schema.STATUS_OK)
+    return Summary(ok, rows.num_rows - ok, audio_s, wall_s, output, error_counts(rows), skipped)
+
+
+class Progress:
+    """Files done of the total, audio hours done, and an ETA, from the receipts as parts reach storage: one line
+    redrawn in place on a terminal, a log line every `interval_s` otherwise (a Ray job's log)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, interval_s: float | None = None):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        default = 0.5 if self.tty else float(os.environ.get("RAY_WHISPER_PROGRESS_INTERVAL_S", "10"))
+        self.interval_s = interval_s if interval_s is not None else default
+        self.started = time.monotonic()
+        self.shown = 0.0
+        self.files = self.failed = 0
+        self.audio_s = 0.0
+
+    def update(self, receipts: pa.Table) -> None:
+        self.files += receipts.num_rows
+        statuses = receipts[schema.STATUS].to_pylist()
+        self.failed += sum(s != schema.STATUS_OK for s in statuses)
+        self.audio_s += sum(d or 0.0 for d in receipts[schema.DURATION_S].to_pylist())
+        if time.monotonic() - self.shown >= self.interval_s or self.files >= self.total:
+            self.show()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        eta = ""
+        if 0 < self.files < self.total:
+            eta = f"   eta {_clock(elapsed / self.files * (self.total - self.files))}"
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        return (f"files done: {self.files}/{self.total}{failed}   audio: {self.audio_s / 3600:.2f} h   "
+                f"elapsed {_clock(elapsed)}{eta}")
+
+    def show(self) -> None:
+        self.shown = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\033[K")
+            self.stream.flush()
+        else:
+            log.info("%s", self.line())
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02}:{seconds % 60:02}"

@@ -4,7 +4,8 @@ and checks them with `require`.
     manifest rows      id, audio, language                       (manifest.py -> the CPU stage)
     chunk rows         one per chunk, or one error row per file  (preprocess.py -> inference.py)
     token rows         chunk rows with their decoded segments     (inference.py -> assemble.py)
-    output rows        one per manifest row                       (assemble.py -> Parquet)
+    output rows        one per manifest row                       (assemble.py -> Parquet parts)
+    receipts           one per output row written                 (assemble.py -> the driver)
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ SEGMENTS = "segments"
 DURATION_S = "duration_s"
 NUM_CHUNKS = "num_chunks"
 MODEL = "model"
+FINGERPRINT = "fingerprint"
 STATUS = "status"
 SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
@@ -82,9 +84,18 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(DURATION_S, pa.float64()),  # decoded audio length
         pa.field(NUM_CHUNKS, pa.int32()),  # chunks transcribed
         pa.field(MODEL, pa.string()),
+        pa.field(FINGERPRINT, pa.string()),  # of the options that shaped the row (config.fingerprint)
         pa.field(STATUS, pa.string(), nullable=False),  # "ok" or "error"
         pa.field(ERROR, pa.string()),  # "<kind>: <reason>" when status is "error"; a warning otherwise
     ]
+)
+
+# receipts: what the driver learns of each row that reached storage (progress, summary, the index)
+PART = "part"  # the part file's name in OUTPUT_DIR
+WRITE_ERROR = "write_error"  # set when writing the part failed (the rows did not reach storage)
+RECEIPT_SCHEMA = pa.schema(
+    [(ID, pa.string()), (STATUS, pa.string()), (DURATION_S, pa.float64()), (ERROR, pa.string()), (PART, pa.string()),
+     (WRITE_ERROR, pa.string())]
 )
 
 STATUS_OK = "ok"

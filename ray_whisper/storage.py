@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import urllib.parse
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +34,32 @@ _AWS_ENV = (
     "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
     "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
 )
+
+
+# query parameters of presigned / SAS URLs (S3, GCS, Azure): secret, or changing each time a URL is signed
+PRESIGN_PARAMS = frozenset({
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-amz-date", "x-amz-expires",
+    "signature", "expires", "awsaccesskeyid", "x-goog-signature", "x-goog-credential", "x-goog-date",
+    "x-goog-expires", "googleaccessid", "sig", "se", "st", "skoid", "sktid", "skt", "ske", "sks", "skv",
+})
+
+
+def public_uri(uri: str) -> str:
+    """The URI as it may be shown and stored: a URL's password and the values of its signing parameters
+    replaced by ***. Stable across re-signing, so ids derived from it survive a fresh presigned URL."""
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else netloc
+    query = "&".join(
+        f"{k}=***" if k.lower() in PRESIGN_PARAMS else (f"{k}={v}" if v or "=" in pair else k)
+        for pair in parts.query.split("&") if pair
+        for k, _, v in [pair.partition("=")]
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def is_object_store(uri: str) -> bool:

@@ -4,6 +4,7 @@ and the exit status. Each test ends with exactly one row per manifest row."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import ray_whisper
 from ray_whisper import cli, schema
 from ray_whisper import evaluation as ev
-from ray_whisper.output import SUCCESS, IncompleteOutputError, read_results
+from ray_whisper.output import SUCCESS, IncompleteOutputError, OutputDir, read_results
 
 from conftest import DATA, write_wav
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows_by_id(out: Path) -> dict[str, dict]:
-    table = pq.read_table(out, schema=schema.OUTPUT_SCHEMA)
+    table = read_results(str(out))
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate rows"
     return {r["id"]: r for r in table.to_pylist()}
@@ -97,33 +98,100 @@ def test_killed_model_actor_is_replaced_and_no_row_is_lost(tmp_path, minute_file
     assert (out / SUCCESS).exists()
 
 
-def test_killed_driver_then_rerun_gives_exactly_one_row_per_manifest_row(tmp_path, minute_files, ray_session):
-    """A driver killed mid-run (a second driver process on the same cluster), then the same command
-    again: no duplicates, no gaps, and a half-written part file from the dead run is discarded."""
-    manifest = write_manifest(tmp_path / "m.csv", minute_files + [DATA / "jfk.flac"])
-    out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+@pytest.fixture(scope="module")
+def ten_files(tmp_path_factory, speech_clips):
+    """Ten files of 22-27 s of real speech, one chunk each."""
+    root = tmp_path_factory.mktemp("ten")
+    return [write_wav(root / f"s{seed}.wav", ev.build_long_speech(speech_clips[:1], 12, seed=seed)[0]) for seed in range(10)]
+
+
+def start_cli(manifest: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
+    """The CLI in a process group of its own, its progress (a line per part written) on stderr."""
+    return subprocess.Popen(
         [sys.executable, "-m", "ray_whisper.cli", "transcribe", str(manifest), str(out), "--batch-size", "2",
-         "--files-per-task", "1"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--files-per-task", "1", *extra],
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_WHISPER_PROGRESS_INTERVAL_S": "0", **env}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    time.sleep(20)  # mid-run: the model actor is up and decoding
+
+
+def wait_for_progress(proc: subprocess.Popen, at_least: int) -> tuple[int, list[str]]:
+    """Read the CLI's stderr until a progress line reports `at_least` files done; (files done, lines read)."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        found = re.search(r"files done: (\d+)/", line)
+        if found and int(found.group(1)) >= at_least:
+            return int(found.group(1)), lines
+    raise AssertionError(f"the run ended (rc {proc.wait()}) before {at_least} files were done:\n{''.join(lines)[-3000:]}")
+
+
+def test_a_driver_killed_at_70_percent_keeps_what_reached_storage_and_the_rerun_does_only_the_rest(
+        tmp_path, ten_files, ray_session):
+    """SIGKILL of the driver once a progress line says 7 of 10 files are done (an observed signal, not a
+    sleep): every file reported done is in OUTPUT_DIR, the same command redoes only the others, and the
+    table ends with exactly one row per id. What the killed run left half-written (our temporary file) is
+    removed; a foreign file named like a part is left alone and never read."""
+    manifest = write_manifest(tmp_path / "m.csv", ten_files)
+    out = tmp_path / "out"
+    proc = start_cli(manifest, out, {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    done_at_kill, _ = wait_for_progress(proc, 7)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert 7 <= done_at_kill < 10, "killed after the run had finished: the test proves nothing"
     assert not (out / SUCCESS).exists()
     with pytest.raises(IncompleteOutputError):
         read_results(str(out))
-    # what a dying writer leaves: a part file without its footer
-    (out / "part-19990101T000000-dead00-x-000000.parquet").write_bytes(b"PAR1 half a file")
+    kept = OutputDir.open(str(out)).scan()
+    assert kept.num_rows >= done_at_kill  # every file the progress line counted had reached storage
+    (out / ".rw-tmp-part-19990101T000000-dead00-0000.parquet").write_bytes(b"PAR1 half a file")
+    (out / "part-from-someone-else.parquet").write_bytes(b"not ours")
 
     summary = ray_whisper.transcribe(str(manifest), str(out), batch_size=2, files_per_task=1)
+    assert summary.skipped == kept.num_rows
+    assert len(ten_files) - summary.skipped <= len(ten_files) - done_at_kill  # only the files not yet finished
     rows = rows_by_id(out)
-    assert sorted(rows) == [f"f{i}" for i in range(5)]
+    assert sorted(rows) == [f"f{i}" for i in range(10)]
     assert all(r["status"] == "ok" for r in rows.values())
-    assert summary.files_ok == 5 and summary.files_failed == 0
-    assert not (out / "part-19990101T000000-dead00-x-000000.parquet").exists()
-    assert read_results(str(out)).num_rows == 5
+    assert summary.files_ok == 10 and summary.files_failed == 0
+    assert not (out / ".rw-tmp-part-19990101T000000-dead00-0000.parquet").exists()
+    assert (out / "part-from-someone-else.parquet").read_bytes() == b"not ours"
+
+
+def test_ctrl_c_exits_130_saying_what_was_kept_and_how_to_resume(tmp_path, ten_files, ray_session):
+    manifest = write_manifest(tmp_path / "m.csv", ten_files)
+    out = tmp_path / "out"
+    proc = start_cli(manifest, out, {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    done, _ = wait_for_progress(proc, 1)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "Traceback" not in rest and len(rest.strip().splitlines()) <= 3, rest
+    saved = int(re.search(r"interrupted: at least (\d+) of this run's 10 file\(s\) are saved in ", rest).group(1))
+    assert saved >= done and "rerun the same command" in rest
+    assert OutputDir.open(str(out)).scan().num_rows >= saved  # parts in flight when it stopped may land too
+    assert not (out / SUCCESS).exists()
+
+
+def test_a_local_ray_goes_away_with_a_killed_driver(tmp_path, ten_files):
+    """Without RAY_ADDRESS the CLI starts its own Ray; SIGKILL of the driver must not leave Ray's processes
+    (its agents used to linger for a minute or more, listening)."""
+    import psutil
+
+    manifest = write_manifest(tmp_path / "m.csv", ten_files[:2])
+    proc = start_cli(manifest, tmp_path / "out", {"RAY_ADDRESS": ""})
+    wait_for_progress(proc, 1)
+    family = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ray_whisper.cluster" not in " ".join(p.cmdline())]
+    assert len(family) >= 4, family  # gcs, raylet, agents, workers
+    os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9 <pid>` would
+    proc.wait()
+    try:
+        gone, alive = psutil.wait_procs(family, timeout=20)
+        assert not alive, [(p.pid, p.name()) for p in alive]
+    finally:
+        for p in family:
+            if p.is_running():
+                p.kill()
 
 
 def test_exit_status_partial_success_and_retry_errors(tmp_path, ray_session, capsys):

@@ -366,55 +366,58 @@ def test_a_run_that_stops_half_way_is_never_taken_for_complete(s3):
     prefix without it knows rows may be missing, whatever the run left behind."""
     opts, uri = s3["options"], f"s3://{OUT}/interrupted"
     fs = storage.filesystem(uri, opts)
-    done = [{"id": i, "audio": f"s3://{IN}/{i}.wav", "text": "hi", "segments": [], "language": "en", "duration_s": 1.0,
-             "num_chunks": 1, "model": "m", "status": "ok", "error": None} for i in ("a", "b")]
-    with fs.open(f"{OUT}/interrupted/part-old-0000-000000.parquet", "wb") as f:
-        pq.write_table(pa.Table.from_pylist(done, schema=schema.OUTPUT_SCHEMA), f)
-    fs.pipe(f"{OUT}/interrupted/_SUCCESS", b"{}")
+    out = output.OutputDir.open(uri, opts)
+    first = pa.table({"id": ["a", "b"], "audio": [f"s3://{IN}/{i}.wav" for i in "ab"], "language": [None] * 2})
+    todo, done = out.begin(first, "fp", overwrite=False, retry_errors=False)
+    part = out.writer("old").write([_ok_row(i) for i in ("a", "b")])
+    receipts = pa.table({"id": ["a", "b"], "status": ["ok"] * 2, "duration_s": [1.0] * 2, "error": [None] * 2,
+                         "part": [part] * 2, "write_error": [None] * 2}, schema=schema.RECEIPT_SCHEMA)
+    out.commit("old", out.complete(first, done, receipts, "old", "m", "fp"), {})
     assert output.read_results(uri, opts).num_rows == 2
 
     # a new run over a longer manifest starts; a store without atomic uploads could hold a half part
     fs.pipe(f"{OUT}/interrupted/part-new-0000-000001.parquet", b"PAR1 cut short")
     manifest = pa.table({"id": ["a", "b", "c"], "audio": [f"s3://{IN}/{i}.wav" for i in "abc"], "language": [None] * 3})
-    out = output.OutputDir.open(uri, opts)
-    todo = out.begin(manifest, overwrite=False, retry_errors=False)
+    todo, done = out.begin(manifest, "fp", overwrite=False, retry_errors=False)
     assert todo["id"].to_pylist() == ["c"]
     assert not fs.exists(f"{OUT}/interrupted/_SUCCESS")
-    assert not fs.exists(f"{OUT}/interrupted/part-new-0000-000001.parquet")
+    assert fs.exists(f"{OUT}/interrupted/part-new-0000-000001.parquet")  # not ours: ignored, never deleted
     # ...and dies here: nothing says complete
     with pytest.raises(output.IncompleteOutputError):
         output.read_results(uri, opts)
-    # the rerun that finishes gives every manifest row a row, then the marker
-    out.finish(manifest, "new", "m", {})
+    # the rerun that finishes gives every manifest row a row (c came back from no worker), then the marker
+    out.commit("new", out.complete(manifest, done, schema.RECEIPT_SCHEMA.empty_table(), "new", "m", "fp"), {})
     table = output.read_results(uri, opts)
     assert sorted(table["id"].to_pylist()) == ["a", "b", "c"]
+    assert dict(zip(table["id"].to_pylist(), table["status"].to_pylist()))["c"] == "error"
 
 
 def _ok_row(i: str) -> dict:
     return {"id": i, "audio": f"s3://{IN}/{i}.wav", "text": "hi", "segments": [], "language": "en",
-            "duration_s": 1.0, "num_chunks": 1, "model": "m", "status": "ok", "error": None}
+            "duration_s": 1.0, "num_chunks": 1, "model": "m", "fingerprint": "fp", "status": "ok", "error": None}
 
 
 def test_the_driver_sees_parts_that_workers_wrote_after_it_listed(s3):
-    """A resumed run lists the prefix (old parts), then the workers add parts from other processes; the
-    driver must see them when it finishes, or it would write 'lost' rows that duplicate real ones (s3fs
-    caches listings by default)."""
+    """A resumed run lists the prefix (old parts), then another process adds a part; the next listing must
+    see it, or a resume would redo rows that are done (s3fs caches listings by default)."""
     import s3fs
+
+    from ray_whisper.parts import marked_table
 
     opts, uri = s3["options"], f"s3://{OUT}/resume"
     worker = s3fs.S3FileSystem(endpoint_url=s3["url"], skip_instance_cache=True)  # another process's view
 
     def write_part(name: str, ids: str) -> None:
         with worker.open(f"{OUT}/resume/{name}", "wb") as f:
-            pq.write_table(pa.Table.from_pylist([_ok_row(i) for i in ids], schema=schema.OUTPUT_SCHEMA), f)
+            pq.write_table(marked_table([_ok_row(i) for i in ids], "w"), f)
 
-    write_part("part-old-0000-000000-0.parquet", "a")
+    write_part("part-old-0000.parquet", "a")
     manifest = pa.table({"id": ["a", "b"], "audio": [f"s3://{IN}/{i}.wav" for i in "ab"], "language": [None] * 2})
     out = output.OutputDir.open(uri, opts)
-    assert out.begin(manifest, overwrite=False, retry_errors=False)["id"].to_pylist() == ["b"]
-    write_part("part-new-0000-000000-0.parquet", "b")
-    table = out.finish(manifest, "new", "m", {})
-    assert sorted(zip(table["id"].to_pylist(), table["status"].to_pylist())) == [("a", "ok"), ("b", "ok")]
+    assert out.begin(manifest, "fp", overwrite=False, retry_errors=False)[0]["id"].to_pylist() == ["b"]
+    write_part("part-new-0000.parquet", "b")
+    todo, done = out.begin(manifest, "fp", overwrite=False, retry_errors=False)
+    assert todo.num_rows == 0 and sorted(done["id"].to_pylist()) == ["a", "b"]
 
 
 # ---------------------------------------------------------------- the pipeline against S3 (slow)
@@ -482,10 +485,14 @@ def test_s3_manifest_and_output_with_a_missing_key(cli_run, s3):
 @pytest.mark.slow
 def test_s3_output_layout_is_committed_and_deterministic(cli_run, s3):
     names = sorted(k["Key"] for k in s3["client"].list_objects_v2(Bucket=OUT, Prefix="run1/")["Contents"])
-    parts = [n for n in names if n != "run1/_SUCCESS"]
+    parts = [n for n in names if n.startswith("run1/part-")]
     assert "run1/_SUCCESS" in names
-    assert parts and all(re.fullmatch(r"run1/part-\d{8}T\d{6}-[0-9a-f]{6}-[0-9a-f]{32}-\d{6}-\d+\.parquet", p) for p in parts), names
-    summary = json.loads(s3["client"].get_object(Bucket=OUT, Key="run1/_SUCCESS")["Body"].read())
+    assert parts and all(re.fullmatch(r"run1/part-\d{8}T\d{6}-[0-9a-f]{6}-[0-9a-f]{8}(-lost)?\.parquet", p) for p in parts), names
+    index = [n for n in names if n.startswith("run1/_index-")]
+    assert len(index) == 1 and set(names) == set(parts) | set(index) | {"run1/_SUCCESS"}, names
+    marker = json.loads(s3["client"].get_object(Bucket=OUT, Key="run1/_SUCCESS")["Body"].read())
+    assert marker["index"] == index[0].split("/", 1)[1] and marker["rows"] == 4
+    summary = marker["summary"]
     assert (summary["files_ok"], summary["files_failed"]) == (3, 1)
     table = output.read_results(f"s3://{OUT}/run1", s3["options"])
     assert sorted(table["id"].to_pylist()) == sorted(cli_run["rows"])

@@ -1,6 +1,7 @@
 """The stages one after another, without Ray: manifest rows -> chunk rows (preprocess) -> token rows (the model
-actor called on a batch, as map_batches calls it) -> one output row per file (assemble). Each stage's columns
-are the ones schema.py names, and a stage handed rows without the columns it needs says which."""
+actor called on a batch, as map_batches calls it) -> one output row per file (the assemble actor, fed the token
+rows in two batches in any order). Each stage's columns are the ones schema.py names, and a stage handed rows
+without the columns it needs says which."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from ray_whisper import evaluation as ev
 from ray_whisper import schema
-from ray_whisper.assemble import file_row, merge_file
+from ray_whisper.assemble import Assembler
 from ray_whisper.chunking import ChunkGeometry
 from ray_whisper.config import DecodingOptions
 from ray_whisper.errors import ContractError
@@ -41,15 +42,13 @@ def test_each_stage_takes_the_previous_stages_rows(transcriber, tmp_path):
     tokens = transcriber(numpy_batch(chunks))
     assert set(tokens) == set(schema.TOKEN_COLUMNS)
     assert all(len(v) == chunks.num_rows for v in tokens.values())
-    by_file = {}
-    for i, file_id in enumerate(tokens[schema.ID]):
-        by_file.setdefault(file_id, []).append(i)
-    rows = {
-        file_id: file_row({k: [v[i] for i in idx] for k, v in tokens.items()}, transcriber.tokenizer.to_str(), "m")
-        for file_id, idx in by_file.items()
-    }
-    table = pa.Table.from_pylist(list(rows.values()), schema=schema.OUTPUT_SCHEMA)
-    assert table.num_rows == 2
+    assembler = Assembler(transcriber.tokenizer.to_str(), "m", "fp")
+    order = np.random.default_rng(0).permutation(chunks.num_rows)  # the actor may see a file's chunks in any order
+    halves = [order[: len(order) // 2], order[len(order) // 2 :]]
+    tables = [assembler({k: np.asarray(v, dtype=object)[h] for k, v in tokens.items()}) for h in halves]
+    assert not assembler.pending  # every file complete, none held back
+    rows = {r[schema.ID]: r for t in tables for r in t.to_pylist()}
+    assert all(t.schema.equals(schema.OUTPUT_SCHEMA) for t in tables) and len(rows) == 2
     assert rows["jfk"][schema.STATUS] == schema.STATUS_OK
     assert ev.wer([REFS["jfk.flac"]["text"]], [rows["jfk"][schema.TEXT]]) <= 0.05
     assert rows["gone"][schema.STATUS] == schema.STATUS_ERROR
@@ -63,7 +62,7 @@ def test_a_stage_without_the_columns_it_needs_says_which(transcriber):
     with pytest.raises(ContractError, match="model stage got rows without features"):
         transcriber(numpy_batch(chunks.drop_columns([schema.FEATURES])))
     tokens = transcriber(numpy_batch(chunks))
-    with pytest.raises(ContractError, match="merge stage got rows without seg_tokens"):
-        merge_file({k: v for k, v in tokens.items() if k != schema.SEG_TOKENS}, transcriber.tokenizer.to_str(), "m")
+    with pytest.raises(ContractError, match="assemble stage got rows without seg_tokens"):
+        Assembler(transcriber.tokenizer.to_str(), "m", "fp")({k: v for k, v in tokens.items() if k != schema.SEG_TOKENS})
     with pytest.raises(ContractError, match="audio"):
         list(chunk_batch(pa.table({schema.ID: ["x"]}), ChunkGeometry(), 80))
