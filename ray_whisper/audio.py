@@ -7,54 +7,84 @@ and never hold more than a window or two of a long file in memory.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
 
 from .constants import N_SAMPLES, SAMPLE_RATE
 from .errors import DecodeError, FetchError, FileError, NoAudioError, one_line, redact
-from .storage import strip
+from .storage import BACKOFF_S, FETCH_ATTEMPTS, network_failure, public_uri, strip
+
+T = TypeVar("T")
 
 @contextmanager
 def _fetch_errors(uri: str) -> Iterator[None]:
-    """Translate storage exceptions into FetchError with a one-line, secret-free reason."""
+    """Translate storage exceptions into FetchError with a one-line, secret-free reason; a timeout or a failed
+    connection is marked transient (tried again)."""
     try:
         yield
     except FileError:
         raise
-    except FileNotFoundError as e:
-        raise FetchError(f"not found: {redact(uri)}") from e
-    except PermissionError as e:
-        raise FetchError(f"access denied: {redact(uri)}") from e
-    except IsADirectoryError as e:
-        raise FetchError(f"is a directory, not an audio file: {redact(uri)}") from e
-    except Exception as e:  # network and store errors vary by backend; keep the reason on one line
-        raise FetchError(f"could not read {redact(uri)}: {type(e).__name__}: {one_line(redact(str(e)))}") from e
+    except Exception as e:
+        raise _fetch_error(uri, e) from e
+
+
+def _fetch_error(uri: str, e: BaseException) -> FetchError:
+    where = public_uri(uri)
+    network = network_failure(e)
+    if network:  # before FileNotFoundError: fsspec's HTTP filesystem reports a dead server as "not found"
+        error = FetchError(f"{network}: {where} ({type(e).__name__}; the timeout is --fetch-timeout-s)")
+        error.transient = True
+        return error
+    if isinstance(e, FileNotFoundError):
+        return FetchError(f"not found: {where}")
+    if isinstance(e, PermissionError):
+        return FetchError(f"access denied: {where}")
+    if isinstance(e, IsADirectoryError):
+        return FetchError(f"is a directory, not an audio file: {where}")
+    # network and store errors vary by backend; keep the reason on one line
+    return FetchError(f"could not read {where}: {type(e).__name__}: {one_line(redact(str(e)))}")
+
+
+def _retrying(call: Callable[[], T], uri: str) -> T:
+    """`call()`, tried again with backoff while it fails transiently (storage.FETCH_ATTEMPTS in all)."""
+    delay = BACKOFF_S
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            with _fetch_errors(uri):
+                return call()
+        except FetchError as e:
+            if not e.transient or attempt == FETCH_ATTEMPTS:
+                raise
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _open(uri: str, filesystem: Any) -> tuple[Any, int]:
-    with _fetch_errors(uri):
-        if filesystem is None:
-            filesystem, path = fsspec.core.url_to_fs(uri)
-        else:
-            path = strip(uri, filesystem)
+    def attempt() -> tuple[Any, int]:
+        fs, path = fsspec.core.url_to_fs(uri) if filesystem is None else (filesystem, strip(uri, filesystem))
         # info, not isdir: on S3 isdir lists the bucket, which a reader with only s3:GetObject may not do
-        if filesystem.info(path).get("type") == "directory":
+        info = fs.info(path)
+        if info.get("type") == "directory":
             raise IsADirectoryError(path)
-        f = filesystem.open(path, "rb")
+        f = fs.open(path, "rb")
         size = getattr(f, "size", None)
-        return f, filesystem.size(path) if size is None else size
+        return f, (info.get("size") if size is None else size)
+
+    return _retrying(attempt, uri)
 
 
 def fetch_bytes(uri: str, filesystem: Any = None) -> bytes:
     """Read a whole object. `filesystem` is the run's fsspec filesystem for the URI's protocol (shared
     options on driver and workers) or None to let fsspec pick one. Errors become FetchError, cause chained."""
     f, _ = _open(uri, filesystem)
-    with f, _fetch_errors(uri):
-        return f.read()
+    with f:
+        return _Stream(f, uri).read_all()
 
 
 @contextmanager
@@ -66,7 +96,7 @@ def open_audio(uri: str, filesystem: Any = None) -> Iterator[Any]:
     with f:
         if size == 0:
             raise NoAudioError("empty file (0 bytes)")
-        yield f
+        yield _Stream(f, uri)
 
 
 def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Iterator[np.ndarray]:
@@ -83,11 +113,13 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         if not source:
             raise NoAudioError("empty file (0 bytes)")
         source = io.BytesIO(source)
-    else:
-        source = _Anonymous(source)
+    elif not isinstance(source, _Stream):
+        source = _Stream(source, "")
     try:
         container = av.open(source, mode="r")
     except Exception as e:
+        if getattr(source, "failure", None) is not None:  # the bytes stopped coming: not the file's fault
+            raise source.failure from e
         raise DecodeError(f"not a readable audio/video container: {one_line(e)}") from e
     with container:
         if not container.streams.audio:
@@ -117,18 +149,25 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
             total += piece.size
             if piece.size:
                 yield piece
+        failure = getattr(source, "failure", None)
+        if failure is not None:  # the bytes stopped coming, the file is not broken: a fetch error, whatever PyAV said
+            raise failure
         if error is not None:
             raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {one_line(error)}") from error
         if total == 0:
             raise NoAudioError("the audio stream holds no samples")
 
 
-class _Anonymous(io.RawIOBase):
-    """A read-only view of a file object without its name: PyAV would otherwise trust the extension
-    ("notes.txt renamed .flac" decodes as an empty FLAC stream) instead of probing the bytes."""
+class _Stream(io.RawIOBase):
+    """A read-only view of a remote file object for PyAV: without its name (PyAV would otherwise trust the
+    extension: "notes.txt renamed .flac" decodes as an empty FLAC stream instead of being probed), and with
+    reads that are tried again after a timeout or a dropped connection. A read that fails for good ends the
+    stream and is kept in `failure` (a FetchError), so the file becomes a fetch_error row, not a corrupt one."""
 
-    def __init__(self, f: Any):
+    def __init__(self, f: Any, uri: str):
         self._f = f
+        self._uri = uri
+        self.failure: FetchError | None = None
 
     def readable(self) -> bool:
         return True
@@ -137,10 +176,28 @@ class _Anonymous(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
-        return self._f.read(n)
+        if self.failure is not None:
+            return b""
+        position = self._f.tell()
+
+        def attempt() -> bytes:
+            self._f.seek(position)
+            return self._f.read(n)
+
+        try:
+            return _retrying(attempt, self._uri)
+        except FetchError as e:
+            self.failure = e
+            return b""
+
+    def read_all(self) -> bytes:
+        data = self.read()
+        if self.failure is not None:
+            raise self.failure
+        return data
 
     def readinto(self, b: Any) -> int:
-        data = self._f.read(len(b))
+        data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 

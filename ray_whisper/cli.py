@@ -67,13 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_ray_logging() -> None:
     """What a run prints: ray_whisper's own lines (progress, resume, errors) and Ray's warnings and errors.
-    Ray Data's INFO lines (execution plans, log paths) and its notice that its bars are off (ours count files)
-    are left out; its full logs stay in the Ray session's log folder."""
+    Ray Data's INFO lines (execution plans, log paths) are left out; its full logs stay in the Ray session's
+    log folder."""
     import ray.data  # noqa: F401  (~2 s, only once the options are known to be good) sets up Ray Data's loggers
-    from ray.util.debug import log_once
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    log_once("ray_data_progress_manager_disabled")  # marks Ray Data's one-time notice as already shown
 
 
 if __name__ == "__main__":

@@ -199,8 +199,13 @@ class StorageOptions(_Group):
     s3_region: str | None = _opt(None, "S3 region (default: AWS_REGION / AWS_DEFAULT_REGION / the profile's region).")
     s3_profile: str | None = _opt(None, "AWS profile name from ~/.aws (default: AWS_PROFILE).")
     s3_anonymous: bool = _opt(False, "Read public buckets without credentials.")
+    fetch_timeout_s: float = _opt(
+        30.0, "Connect and read timeout, in seconds, of every fetch from a remote store (S3, HTTP(S)); a fetch "
+        "that times out or cannot connect is tried 3 times in all, with backoff, then the file is a fetch_error row.",
+    )
 
     def __post_init__(self) -> None:
+        _check(0 < self.fetch_timeout_s <= 3600, "--fetch-timeout-s must be in (0, 3600] seconds")
         url = self.s3_endpoint_url
         if url is not None:
             if re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)?[^/@]*@", url):

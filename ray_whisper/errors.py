@@ -65,6 +65,7 @@ class FetchError(FileError):
     """The bytes could not be read: missing object, denied access, unreachable or silent store."""
 
     kind = FETCH_ERROR
+    transient = False  # a timeout or a failed connection: worth another try
 
 
 class DecodeError(FileError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -34,7 +35,8 @@ from . import schema
 from .errors import ManifestError, redact
 from .storage import describe_error, protocol, public_uri, strip
 
-FORMATS = {".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet",
+           ".pq": "parquet"}
 LISTING = "listing"  # manifest_format of a folder/prefix ending in "/" or a glob
 # what a folder/prefix listing keeps: extensions PyAV decodes that are audio or carry an audio track
 AUDIO_EXTENSIONS = (
@@ -90,6 +92,8 @@ def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
         fmt = literal  # a manifest file whose name holds [, ? or *
     try:
         table = _read(uri, fmt, filesystem)
+    except ManifestError:
+        raise
     except FileNotFoundError as e:
         raise ManifestError(f"manifest not found: {uri}") from e
     except PermissionError as e:
@@ -104,7 +108,7 @@ def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
     except OSError as e:
         raise ManifestError(f"could not read manifest {uri}: {_short(str(e))}") from e
     except Exception as e:  # store clients raise their own types (botocore's EndpointConnectionError...)
-        raise ManifestError(f"could not read manifest {uri}: {describe_error(e)}") from e
+        raise ManifestError(f"could not read manifest {uri}: {describe_error(e, uri)}") from e
     return normalise(table, uri)
 
 
@@ -143,7 +147,7 @@ def _list_audio(uri: str, filesystem: Any) -> pa.Table:
     except PermissionError as e:
         raise ManifestError(f"cannot list {uri}: access denied (listing needs s3:ListBucket or the like)") from e
     except Exception as e:
-        raise ManifestError(f"cannot list {uri}: {describe_error(e)}") from e
+        raise ManifestError(f"cannot list {uri}: {describe_error(e, uri)}") from e
     files = sorted(name for name, info in found.items() if info.get("type") == "file")
     skipped = 0
     if not glob:
@@ -186,15 +190,37 @@ def _read(uri: str, fmt: str, filesystem: Any) -> pa.Table:
     data.decode("utf-8")  # raise UnicodeDecodeError with a position rather than Arrow's vaguer error
     buf = pa.BufferReader(data)
     if fmt == "csv":
+        delimiter = _delimiter(data)
         # every column as text: ids like 007 must not become integers
-        return pcsv.read_csv(buf, convert_options=pcsv.ConvertOptions(column_types=_all_strings(data)))
+        return pcsv.read_csv(buf, parse_options=pcsv.ParseOptions(delimiter=delimiter),
+                             convert_options=pcsv.ConvertOptions(column_types=_all_strings(data, delimiter)))
+    _check_json_lines(data, uri)
     return pjson.read_json(buf)
 
 
-def _all_strings(csv_bytes: bytes) -> dict[str, pa.DataType]:
+def _delimiter(csv_bytes: bytes) -> str:
+    """Tab when the header line has tabs and no commas (a TSV, whatever its name), else comma."""
+    header = csv_bytes.split(b"\n", 1)[0]
+    return "\t" if b"\t" in header and b"," not in header else ","
+
+
+def _all_strings(csv_bytes: bytes, delimiter: str) -> dict[str, pa.DataType]:
     header = csv_bytes.split(b"\n", 1)[0].decode("utf-8").strip().lstrip("\ufeff")
-    names = next(csv.reader([header]), [])
+    names = next(csv.reader([header], delimiter=delimiter), [])
     return {name: pa.string() for name in names}
+
+
+def _check_json_lines(data: bytes, uri: str) -> None:
+    """Name the first line that is not a JSON object, counting lines from 1 as the CSV messages do."""
+    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"manifest {uri} line {number} is not valid JSON: {e.msg} (column {e.colno})") from e
+        if not isinstance(value, dict):
+            raise ManifestError(f"manifest {uri} line {number} is not a JSON object such as {{\"audio\": \"a.wav\"}}")
 
 
 def normalise(table: pa.Table, uri: str) -> pa.Table:
@@ -260,7 +286,8 @@ def _resolve_relative(audio: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedAr
 
 
 def _first_data_row(uri: str) -> int:
-    return 2 if uri.lower().endswith((".csv", ".csv.gz")) else 1  # 1-based line numbers a user can find
+    csv_like = uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz"))
+    return 2 if csv_like else 1  # 1-based line numbers a user can find: a CSV's first line is its header
 
 
 def _short(text: str) -> str:

@@ -15,12 +15,17 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from functools import lru_cache
 from pathlib import Path
 
 from .config import BUNDLED_MODEL
 from .convert import convert_ctranslate2_whisper
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 # Bump when the converter output changes, so stale cache entries are not reused.
 CONVERTER_VERSION = "1"
@@ -200,22 +205,68 @@ def resolve_model(model: str, revision: str | None = None) -> str:
 
 
 
+HUB_PROBE_S = 3.0  # a hub that does not answer an HTTP request in this long is taken as unreachable
+
+
+def hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be used now (HF_HUB_OFFLINE, or no HTTP answer from its endpoint within
+    HUB_PROBE_S), or None when it can. Without this check huggingface_hub retries for 24 s to minutes, twice
+    per file, before it gives up on a network without the hub."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    return _probe_hub(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+
+@lru_cache(maxsize=4)
+def _probe_hub(endpoint: str) -> str | None:
+    """None when `endpoint` answers an HTTP request (any status) within HUB_PROBE_S, else why not."""
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_S).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:  # it answered
+            outcome.append(None)
+        except (OSError, ValueError) as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(HUB_PROBE_S + 1)
+    if outcome and outcome[0] is None:
+        return None
+    return f"{endpoint} " + (f"failed: {one_line(outcome[0])}" if outcome else f"did not answer in {HUB_PROBE_S:g} s")
+
+
+def _offline_error(model: str, why: str, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"cannot fetch {model!r}: the Hugging Face hub is unreachable ({why}) and the model is not in the local "
+        "Hugging Face cache. Give --model a local directory (a transformers or CTranslate2 Whisper folder), or "
+        f"fetch it once where the hub is reachable (then HF_HUB_OFFLINE=1 uses the cached copy) [{type(exc).__name__}]"
+    )
+
+
 def local_model_dir(model_path: str, revision: str | None = None) -> Path:
     """A resolved model as a local directory: itself, or a hub id's files fetched into the Hugging Face cache
     of this node (config, tokenizer and safetensors weights; pytorch_model.bin only where a repository has
-    no safetensors)."""
+    no safetensors). With the hub unreachable, the cached copy or a ModelError that says what to do."""
     if Path(model_path).is_dir():
         return Path(model_path)
     from huggingface_hub import snapshot_download
 
+    offline = hub_offline()
     common = ["config.json", "generation_config.json", "tokenizer.json"]
     try:
         for weights in (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
                         ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]):
-            folder = Path(snapshot_download(model_path, revision=revision, allow_patterns=common + weights))
+            folder = Path(snapshot_download(model_path, revision=revision, allow_patterns=common + weights,
+                                            local_files_only=offline is not None))
             if any((folder / name).is_file() for name in WEIGHT_FILES):
                 return folder
     except Exception as exc:
+        if offline:
+            raise _offline_error(model_path, offline, exc) from exc
         raise ModelError(f"cannot fetch model {model_path!r} (revision {revision}): {exc}") from exc
     raise ModelError(f"model {model_path!r} has no model.safetensors or pytorch_model.bin weights")
 
@@ -226,20 +277,24 @@ def model_files(model_path: str, revision: str | None = None) -> tuple[dict, dic
     names = ("config.json", "generation_config.json", "tokenizer.json")
     local = Path(model_path)
     texts: dict[str, str | None] = {}
+    offline = None if local.is_dir() else hub_offline()
     for name in names:
         if local.is_dir():
             f = local / name
             texts[name] = f.read_text(encoding="utf-8") if f.is_file() else None
-        else:
-            from huggingface_hub import hf_hub_download
+            continue
+        from huggingface_hub import hf_hub_download
 
-            try:
-                texts[name] = Path(hf_hub_download(model_path, name, revision=revision)).read_text(encoding="utf-8")
-            except Exception as exc:  # missing optional file, or the hub unreachable
-                if name == "generation_config.json":
-                    texts[name] = None
-                    continue
-                raise ModelError(f"cannot fetch {name} of model {model_path!r} (revision {revision}): {exc}") from exc
+        try:
+            path = hf_hub_download(model_path, name, revision=revision, local_files_only=offline is not None)
+            texts[name] = Path(path).read_text(encoding="utf-8")
+        except Exception as exc:  # missing optional file, or the hub unreachable
+            if name == "generation_config.json":
+                texts[name] = None
+                continue
+            if offline:
+                raise _offline_error(model_path, offline, exc) from exc
+            raise ModelError(f"cannot fetch {name} of model {model_path!r} (revision {revision}): {exc}") from exc
     if texts["config.json"] is None or texts["tokenizer.json"] is None:
         raise ModelError(f"model {model_path!r} lacks config.json or tokenizer.json (a fast Whisper tokenizer)")
     generation = json.loads(texts["generation_config.json"]) if texts["generation_config.json"] else {}

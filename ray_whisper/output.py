@@ -78,7 +78,7 @@ class OutputDir:
         except Exception as e:
             fix = ("check that the directory's parent exists and that you may write there" if local else
                    "check that the bucket exists, the credentials allow writing, and the endpoint is right")
-            raise OutputError(f"output {self.uri} is not writable: {storage.describe_error(e)}; {fix}") from e
+            raise OutputError(f"output {self.uri} is not writable: {storage.describe_error(e, self.uri)}; {fix}") from e
 
     def writer(self, run_id: str) -> PartWriter:
         return PartWriter(self.uri, self.storage, run_id)

@@ -87,6 +87,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     """manifest rows -> chunk rows -> token rows -> output rows (no writer) or receipts of written parts."""
     import ray
     import ray.data
+    from ray.util.debug import log_once
 
     from .inference import Transcriber  # torch and the network, ~3 s: the driver never needs them
 
@@ -99,6 +100,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
     context.max_errored_blocks = -1
     context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
+    log_once("ray_data_progress_manager_disabled")  # marks Ray Data's notice that they are off as shown
     files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -72,25 +73,30 @@ def summarize(rows: pa.Table, receipts: pa.Table, wall_s: float, output: str, sk
 
 class Progress:
     """Files done of the total, audio hours done, and an ETA, from the receipts as parts reach storage: one line
-    redrawn in place on a terminal, a log line every `interval_s` otherwise (a Ray job's log)."""
+    redrawn in place on a terminal, a log line every `interval_s` otherwise (a Ray job's log), also while
+    nothing finishes (the model loading, a long file), so a quiet log still says the run is alive."""
 
     def __init__(self, total: int, stream: TextIO | None = None, interval_s: float | None = None):
         self.total = total
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        default = 0.5 if self.tty else float(os.environ.get("RAY_WHISPER_PROGRESS_INTERVAL_S", "10"))
+        default = 1.0 if self.tty else float(os.environ.get("RAY_WHISPER_PROGRESS_INTERVAL_S", "10"))
         self.interval_s = interval_s if interval_s is not None else default
         self.started = time.monotonic()
-        self.shown = 0.0
         self.files = self.failed = 0
         self.audio_s = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True, name="ray_whisper-progress")
+        if self.interval_s > 0:
+            self._ticker.start()
 
     def update(self, receipts: pa.Table) -> None:
-        self.files += receipts.num_rows
-        statuses = receipts[schema.STATUS].to_pylist()
-        self.failed += sum(s != schema.STATUS_OK for s in statuses)
-        self.audio_s += sum(d or 0.0 for d in receipts[schema.DURATION_S].to_pylist())
-        if time.monotonic() - self.shown >= self.interval_s or self.files >= self.total:
+        with self._lock:
+            self.files += receipts.num_rows
+            self.failed += sum(s != schema.STATUS_OK for s in receipts[schema.STATUS].to_pylist())
+            self.audio_s += sum(d or 0.0 for d in receipts[schema.DURATION_S].to_pylist())
+        if self.tty or self.interval_s == 0 or self.files >= self.total:
             self.show()
 
     def line(self) -> str:
@@ -103,15 +109,22 @@ class Progress:
                 f"elapsed {_clock(elapsed)}{eta}")
 
     def show(self) -> None:
-        self.shown = time.monotonic()
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\033[K")
-            self.stream.flush()
-        else:
-            log.info("%s", self.line())
+        with self._lock:
+            if self.tty:
+                self.stream.write("\r" + self.line() + "\033[K")
+                self.stream.flush()
+            else:
+                log.info("%s", self.line())
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.show()
 
     def close(self) -> None:
-        if self.tty and self.shown:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
+        if self.tty:
             self.stream.write("\n")
             self.stream.flush()
 

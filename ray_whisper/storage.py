@@ -79,10 +79,21 @@ def _env_token() -> str:
     return hashlib.sha256(values.encode()).hexdigest()
 
 
+FETCH_ATTEMPTS = 3  # a fetch that times out or cannot connect is tried this many times in all
+BACKOFF_S = 1.0  # before the second attempt; doubled before each next one
+
+
 @lru_cache(maxsize=16)
 def _filesystem(proto: str, storage: StorageOptions, env_token: str) -> Any:
     import fsspec
 
+    timeout = storage.fetch_timeout_s
+    if proto in ("http", "https"):
+        import aiohttp
+
+        # aiohttp's default has no read timeout: a server that accepts and never answers hung the run
+        limits = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return fsspec.filesystem(proto, skip_instance_cache=True, client_kwargs={"timeout": limits})
     if proto in S3_PROTOCOLS:
         import s3fs
 
@@ -99,6 +110,9 @@ def _filesystem(proto: str, storage: StorageOptions, env_token: str) -> Any:
         # travel when the filesystem is pickled to Ray's write tasks; each process finds the credentials
         # itself. skip_instance_cache: this function is the cache, keyed on the environment too.
         kwargs["use_listings_cache"] = False
+        # botocore's own standard retry mode (backoff with jitter) for throttling and transient errors
+        kwargs["config_kwargs"] = {"connect_timeout": timeout, "read_timeout": timeout,
+                                   "retries": {"max_attempts": FETCH_ATTEMPTS, "mode": "standard"}}
         return s3fs.S3FileSystem(skip_instance_cache=True, **kwargs)
     if proto == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
@@ -119,19 +133,38 @@ def arrow_filesystem(fs: Any) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def describe_error(e: BaseException) -> str:
-    """One secret-free line saying why a storage call failed, with the usual cause first."""
+def network_failure(e: BaseException) -> str | None:
+    """"timed out" or "unreachable" when `e`, or an error it was raised from, is a timeout or a failed
+    connection (fsspec's HTTP filesystem reports both as FileNotFoundError, the real cause chained); else None."""
+    seen = 0
+    while e is not None and seen < 8:
+        name = type(e).__name__
+        if isinstance(e, TimeoutError) or "Timeout" in name:
+            return "timed out"
+        if isinstance(e, ConnectionError) or any(w in name for w in ("Connect", "Connection", "Endpoint")):
+            return "unreachable"
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def describe_error(e: BaseException, uri: str = "") -> str:
+    """One secret-free line saying why a storage call on `uri` failed, the usual cause first, with advice that
+    fits a local path or a store."""
     name = type(e).__name__
     detail = redact(" ".join(str(e).split()))[:300] or name
-    if isinstance(e, FileNotFoundError):
-        cause = "not found (no such bucket, prefix or file)"
+    local = bool(uri) and protocol(uri) == "file"
+    network = network_failure(e)
+    if network:
+        cause = (f"cannot reach the storage endpoint ({network}; check --s3-endpoint-url / AWS_ENDPOINT_URL, "
+                 "--fetch-timeout-s and the network)")
+    elif isinstance(e, FileNotFoundError):
+        cause = "not found (no such file or directory)" if local else "not found (no such bucket, prefix or file)"
     elif isinstance(e, PermissionError):
-        cause = "access denied (check the credentials and the bucket's policy)"
+        cause = ("permission denied (check the file's and its folders' permissions)" if local else
+                 "access denied (check the credentials and the bucket's policy)")
     elif "NoCredentials" in name or "PartialCredentials" in name:
         cause = ("no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
                  "or --s3-anonymous for public buckets)")
-    elif any(word in name for word in ("Connect", "Endpoint", "Timeout")) or isinstance(e, (ConnectionError, TimeoutError)):
-        cause = "cannot reach the storage endpoint (check --s3-endpoint-url / AWS_ENDPOINT_URL and the network)"
     else:
         cause = "storage error"
     return f"{cause}: {name}: {detail}"

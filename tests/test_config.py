@@ -45,6 +45,7 @@ NON_DEFAULT = {
     "s3_region": "eu-west-1",
     "s3_profile": "other",
     "s3_anonymous": True,
+    "fetch_timeout_s": 5.0,
 }
 
 

@@ -217,8 +217,8 @@ def test_ray_job_submit_runs_the_entrypoint_and_logs_progress(head, tmp_path):
         [
             ray_cli(), "job", "submit", "--address", head.address, "--working-dir", ".",
             "--submission-id", submission_id, "--no-wait",
-            # a progress block every 3 s instead of Ray Data's 10 s, so even a short job logs several
-            "--runtime-env-json", json.dumps({"env_vars": {"RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "3"}}),
+            # a progress line every 3 s instead of 10 s, so even a short job logs several
+            "--runtime-env-json", json.dumps({"env_vars": {"RAY_WHISPER_PROGRESS_INTERVAL_S": "3"}}),
             "--",
             "python", "jobs/transcribe.py", str(manifest), str(out),
         ],
@@ -255,12 +255,14 @@ def test_ray_job_submit_runs_the_entrypoint_and_logs_progress(head, tmp_path):
     assert row["id"] == "jfk" and row["status"] == "ok"
     assert ev.wer([REFS["jfk.flac"]["text"]], [row["text"]]) <= 0.05
 
-    # progress as log lines, not bars: Ray Data's non-TTY progress logger, then the CLI's summary
-    assert "Progress will be logged because stdout is a non-interactive terminal" in logs
-    blocks = re.findall(r"^(\S+ \S+)\s+INFO logging_progress\.py:\d+ -- Total Progress: (\d+)/", logs, re.MULTILINE)
+    # progress as log lines, not bars: files done of the total every few seconds, then the CLI's summary
+    blocks = re.findall(r"^(\S+ \S+) INFO ray_whisper\.report: files done: (\d+)/1 ", logs, re.MULTILINE)
     assert len(blocks) >= 2, logs[-4000:]
     times = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t, _ in blocks]
-    assert all((b - a).total_seconds() >= 2.5 for a, b in pairwise(times)), "progress is not periodic"
+    ticks = times[:-1]  # the last line comes when the file is done, whenever that is
+    assert all((b - a).total_seconds() >= 2.5 for a, b in pairwise(ticks)), "progress is not periodic"
+    assert blocks[-1][1] == "1" and all(n == "0" for _, n in blocks[:-1])
+    assert "logging_progress" not in logs, "Ray Data's own progress (chunks, blocks) is not shown"
     assert "\r" not in logs and "it/s]" not in logs, "a progress bar was drawn into the job log"
     assert re.search(r"^files ok: 1\s+failed: 0$", logs, re.MULTILINE), logs[-3000:]
     assert "real-time factor" in logs and f"output: {out}" in logs

@@ -272,3 +272,24 @@ def test_not_a_parquet_file(tmp_path):
     path = tmp_path / "m.parquet"
     path.write_text("audio\n/a.wav\n")
     assert "PARQUET" in _error(path).upper()
+
+
+def test_json_lines_errors_count_lines_from_one_as_csv_does(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"audio": "/a.wav"}\n{"audio": "/b.wav"\n')
+    assert "line 2 is not valid JSON" in _error(path)
+    path.write_text('{"audio": "/a.wav"}\n["/b.wav"]\n')
+    assert "line 2 is not a JSON object" in _error(path)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("audio\n/a.wav\n \n")
+    jsonl_path = tmp_path / "n.jsonl"
+    jsonl_path.write_text('{"audio": "/a.wav"}\n{"audio": " "}\n')
+    assert "(rows 3)" in _error(csv_path) and "(rows 2)" in _error(jsonl_path)  # the file's own line numbers
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.tsv"])
+def test_tab_separated_manifests_are_read_whatever_their_name(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("id\taudio\tlanguage\n007\t/x/a, b.wav\ten\n")
+    table = read_manifest(str(path))
+    assert table.to_pylist() == [{"id": "007", "audio": "/x/a, b.wav", "language": "en"}]

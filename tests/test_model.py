@@ -398,3 +398,36 @@ def test_multilingual_base_matches_ctranslate2(tmp_path, jfk_audio, one_thread):
     with torch.no_grad():
         detected = model.generate(torch.from_numpy(features))[0].tolist()
     assert _words(processor.tokenizer.decode(detected, skip_special_tokens=True)) == _words(JFK_TEXT)
+
+
+@pytest.mark.parametrize("server", ["refused", "black hole"])
+def test_an_unreachable_hub_fails_in_seconds_saying_what_to_do(tmp_path, monkeypatch, server):
+    """No network to the hub: a hub id fails fast with the two ways out, instead of minutes of retries."""
+    import socket
+    import threading
+
+    from ray_whisper.model import _probe_hub, model_files
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    held = []
+    if server == "black hole":  # accepts every connection, never answers
+        listener.listen(16)
+        threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(16)], daemon=True).start()
+    else:
+        listener.close()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    _probe_hub.cache_clear()
+    started = time.monotonic()
+    with pytest.raises(ModelError) as ei:
+        model_files("openai/whisper-tiny")
+    elapsed = time.monotonic() - started
+    message = str(ei.value)
+    assert elapsed < 8, elapsed
+    assert "hub is unreachable" in message and "local directory" in message and "HF_HUB_OFFLINE=1" in message
+    assert "\n" not in message
+    _probe_hub.cache_clear()
+    listener.close()

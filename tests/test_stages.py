@@ -66,3 +66,35 @@ def test_a_stage_without_the_columns_it_needs_says_which(transcriber):
         Assembler(transcriber.tokenizer.to_str(), "m", "fp")({k: v for k, v in tokens.items() if k != schema.SEG_TOKENS})
     with pytest.raises(ContractError, match="audio"):
         list(chunk_batch(pa.table({schema.ID: ["x"]}), ChunkGeometry(), 80))
+
+
+def transcribe_files(transcriber, paths: list) -> dict[str, dict]:
+    """Files through the three stages in this process; output rows by id (the file names' stems)."""
+    manifest = pa.table({schema.ID: [p.stem for p in paths], schema.AUDIO: [str(p) for p in paths],
+                         schema.LANGUAGE: [None] * len(paths)})
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), transcriber.n_mels)))
+    tokens = transcriber(numpy_batch(chunks))
+    table = Assembler(transcriber.tokenizer.to_str(), "m", "fp")(tokens)
+    return {r[schema.ID]: r for r in table.to_pylist()}
+
+
+def test_a_truncated_file_keeps_every_second_that_decodes_and_says_so(transcriber, tmp_path, speech_clips):
+    """A FLAC cut at 85% and a short file cut at 60%: the row is ok, carries the `truncated:` warning, and
+    transcribes up to where the audio stops (a warning used to make the model skip the file's last chunk)."""
+    from audio_helpers import encode
+
+    long_audio, _ = ev.build_long_speech(speech_clips, 85, seed=3)
+    whole = encode(long_audio, 16_000, tmp_path / "whole.flac")
+    data = whole.read_bytes()
+    (tmp_path / "long_cut.flac").write_bytes(data[: int(len(data) * 0.85)])
+    jfk = (DATA / "jfk.flac").read_bytes()
+    (tmp_path / "short_cut.flac").write_bytes(jfk[: int(len(jfk) * 0.6)])
+    rows = transcribe_files(transcriber, [tmp_path / "long_cut.flac", tmp_path / "short_cut.flac"])
+
+    long_row, short_row = rows["long_cut"], rows["short_cut"]
+    for row in (long_row, short_row):
+        assert row[schema.STATUS] == schema.STATUS_OK and row[schema.ERROR].startswith("truncated: "), row[schema.ERROR]
+    assert long_row[schema.NUM_CHUNKS] == 3 and long_row[schema.DURATION_S] > 0.8 * len(long_audio) / 16_000
+    assert long_row[schema.SEGMENTS][-1]["end"] > long_row[schema.DURATION_S] - 10  # its last chunk was transcribed
+    assert 5 < short_row[schema.DURATION_S] < 8
+    assert "fellow americans" in ev.normalize(short_row[schema.TEXT])
