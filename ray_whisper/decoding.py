@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from .config import DecodingOptions
-from .constants import FRAMES_PER_S, MAX_INITIAL_TIMESTAMP_S, SECONDS_PER_TOKEN
-from .network import DecoderCache, Whisper
-from .tokens import SpecialTokens, segments_from_tokens
+from .constants import MAX_INITIAL_TIMESTAMP_S, SECONDS_PER_TOKEN
+from .cache import DecoderCache
+from .network import Whisper
+from .tokens import SpecialTokens
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Decoded:
     language: str
     no_speech_prob: float  # at the start-of-transcript position
     avg_logprob: float  # mean log-probability of the chosen tokens (the end of text included)
+    temperature: float = 0.0  # 0: the likeliest tokens; above: a sample (a fallback)
 
 
 @dataclass
@@ -95,6 +97,14 @@ def choose_greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return token, best - logits.logsumexp(-1)
 
 
+def choose_sampled(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token per row sampled at `temperature`, each row with its own generator, and its log-probability
+    under the model's own (temperature 1) distribution, as Whisper scores a sample."""
+    probs = (logits / temperature).softmax(-1)
+    token = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return token, logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+
+
 class Decoder:
     """Decodes batches of log-mel features: `decoder(features, languages) -> [Decoded]`."""
 
@@ -115,29 +125,48 @@ class Decoder:
                                            dtype=torch.long, device=self.device)
         self.rules = TimestampRules(tokens, vocab, self.device) if options.timestamps else None
 
-    def __call__(self, feats: np.ndarray, languages: list[str | None]) -> list[Decoded]:
-        """Decode (chunks, n_mels, 3000) features; `languages` per chunk (None: detect, or English)."""
-        net, beams = self.net, self.opt.beam_size
+    def __call__(self, feats: np.ndarray, languages: list[str | None], prompts: list[list[int]] | None = None,
+                 temperature: float = 0.0, seeds: list[int] | None = None) -> list[Decoded]:
+        """Decode (chunks, n_mels, 3000) features. Per chunk: its language (None: detect, or English), the
+        token ids of its prompt (Whisper's <|startofprev|> text: names, jargon, earlier text) and, when
+        `temperature` > 0 (sampling instead of the likeliest token), the seed that makes its sample repeatable."""
+        net = self.net
+        beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
         dtype = next(net.parameters()).dtype
         with torch.inference_mode():
             x = torch.from_numpy(feats).to(self.device, dtype, non_blocking=True)
             chunks = x.shape[0]
-            prompt_len = len(self.t.prompt(None, self.opt.task, self.opt.timestamps))
-            cache = net.new_cache(net.encode(x), prompt_len + self.opt.max_new_tokens, group=beams)
-            # The start-of-transcript position alone gives the no-speech and language probabilities.
-            sot = torch.full((chunks * beams, 1), self.t.sot, dtype=torch.long, device=self.device)
-            logits = net.decode(sot, cache)
+            prefixes = [self._prefix(p) for p in (prompts or [None] * chunks)]
+            width = max(len(p) for p in prefixes)
+            padded = [[self.t.eot] * (width - len(p)) + p for p in prefixes for _ in range(beams)]
+            offsets = torch.tensor([width - len(p) for p in prefixes for _ in range(beams)], device=self.device)
+            rest_len = len(self.t.prompt(None, self.opt.task, self.opt.timestamps)) - 1
+            cache = net.new_cache(net.encode(x), width + rest_len + self.opt.max_new_tokens, group=beams,
+                                  offsets=offsets)
+            # every row ends at its start-of-transcript, whose logits give the no-speech and language probabilities
+            logits = net.decode(torch.tensor(padded, device=self.device), cache)
             no_speech = logits[::beams].softmax(-1)[:, self.t.no_speech].tolist()
             languages = self._languages(logits[::beams], languages)
             rest = [self.t.prompt(lang, self.opt.task, self.opt.timestamps)[1:] for lang in languages for _ in range(beams)]
             if rest[0]:
                 logits = net.decode(torch.tensor(rest, device=self.device), cache)
-            search = self._beam if beams > 1 else self._greedy
-            tokens, sum_logprob = search(logits, cache)
+            if beams > 1:
+                tokens, sum_logprob = self._beam(logits, cache)
+            else:
+                tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)))
         return [
-            Decoded(tokens[i], languages[i], float(no_speech[i]), float(sum_logprob[i]) / max(len(tokens[i]), 1))
+            Decoded(tokens[i], languages[i], float(no_speech[i]), float(sum_logprob[i]) / max(len(tokens[i]), 1),
+                    temperature)
             for i in range(chunks)
         ]
+
+    def _prefix(self, prompt: list[int] | None) -> list[int]:
+        """<|startofprev|> and the prompt's last tokens (at most half the decoder's context), then
+        <|startoftranscript|>; just the latter without a prompt."""
+        if not prompt or self.t.sot_prev is None:
+            return [self.t.sot]
+        keep = self.net.dims.n_text_ctx // 2 - 1
+        return [self.t.sot_prev, *prompt[-keep:], self.t.sot]
 
     def _languages(self, sot_logits: torch.Tensor, requested: list[str | None]) -> list[str]:
         if not self.t.multilingual:
@@ -158,8 +187,14 @@ class Decoder:
         if self.rules is not None:
             self.rules.apply(logits, step, state)
 
-    def _greedy(self, logits: torch.Tensor, cache: DecoderCache) -> tuple[list[list[int]], list[float]]:
-        """The likeliest token at every step. Rows that end leave the batch and the caches at once."""
+    def _greedy(self, logits: torch.Tensor, cache: DecoderCache, temperature: float,
+                seeds: list[int]) -> tuple[list[list[int]], list[float]]:
+        """The likeliest token at every step, or at `temperature` > 0 a token sampled from the distribution
+        sharpened or flattened by it, each row from its own seeded generator (the same sample whatever else is
+        in the batch). Rows that end leave the batch and the caches at once."""
+        generators = None
+        if temperature > 0:
+            generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         rows = torch.arange(logits.shape[0], device=self.device)  # batch row of each row still decoding
         state = RuleState.start(rows.numel(), self.device)
         sum_logprob = torch.zeros(rows.numel(), device=self.device)
@@ -167,7 +202,10 @@ class Decoder:
         generated = torch.full((rows.numel(), steps), self.t.eot, dtype=torch.long, device=self.device)
         for step in range(steps):
             self._mask(logits, step, state)
-            token, logprob = choose_greedy(logits)
+            if generators is None:
+                token, logprob = choose_greedy(logits)
+            else:
+                token, logprob = choose_sampled(logits, temperature, [generators[r] for r in rows.tolist()])
             sum_logprob[rows] += logprob
             generated[rows, step] = token
             state = state.advance(token, self.t.timestamp_begin)
@@ -231,68 +269,3 @@ class Decoder:
                 logits = self.net.decode(token_t[:, None], cache)
         best = [max(f, key=lambda sf: sf[0] / max(len(sf[1]), 1)) if f else (0.0, []) for f in finished]
         return [b[1] for b in best], [b[0] for b in best]
-
-
-SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
-
-
-@dataclass
-class ChunkTranscript:
-    """One chunk's segments, (start_s, end_s, text tokens) relative to the chunk, and how it decoded."""
-
-    segments: list[tuple[float, float, list[int]]]
-    language: str
-    no_speech_prob: float
-    avg_logprob: float
-
-
-def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None],
-                      durations: list[float]) -> list[ChunkTranscript]:
-    """Decode chunks into timed segments, with Whisper's two rules on top of the decoder:
-
-    - silence: a likely no-speech chunk decoded with low confidence has no text (it would be invented);
-    - seek: Whisper often stops at the end of a segment well before the end of its chunk and drops the rest.
-      As in its own sequential decoding, such a chunk is decoded again from its last timestamp (once) when
-      there is sound after it; the second pass's segments are appended.
-    """
-    opt = decoder.opt
-    out = [_transcript(decoder, d, duration) for d, duration in zip(decoder(feats, languages), durations)]
-    if not opt.timestamps:
-        return out
-    again = [
-        (i, row.segments[-1][1]) for i, (row, duration) in enumerate(zip(out, durations))
-        if row.segments and row.segments[-1][1] < duration - SEEK_SLACK_S
-        and _has_sound(feats[i], row.segments[-1][1], duration)
-    ]
-    if again:
-        shifted = np.stack([_shift(feats[i], resume) for i, resume in again])
-        for (i, resume), d in zip(again, decoder(shifted, [out[i].language for i, _ in again])):
-            extra = _transcript(decoder, d, durations[i] - resume).segments
-            out[i].segments += [(resume + s, resume + e, t) for s, e, t in extra]
-    return out
-
-
-def _transcript(decoder: Decoder, d: Decoded, duration: float) -> ChunkTranscript:
-    opt = decoder.opt
-    silent = d.no_speech_prob > opt.no_speech_threshold and d.avg_logprob < opt.logprob_threshold
-    segments = [] if silent else segments_from_tokens(d.tokens, decoder.t, duration, opt.timestamps)
-    return ChunkTranscript(segments, d.language, d.no_speech_prob, d.avg_logprob)
-
-
-def _has_sound(feats: np.ndarray, from_s: float, to_s: float) -> bool:
-    """Whether the chunk's mel frames between two times rise well above the chunk's quietest level."""
-    level = feats.mean(axis=0)[: int(to_s * FRAMES_PER_S)]
-    tail = level[int(from_s * FRAMES_PER_S) :]
-    if tail.size < 10:
-        return False
-    smooth = np.convolve(tail, np.full(10, 0.1), mode="valid")
-    floor, loud = float(level.min()), float(np.percentile(level, 90))
-    return float(smooth.max()) > floor + 0.5 * (loud - floor)
-
-
-def _shift(feats: np.ndarray, from_s: float) -> np.ndarray:
-    """The chunk's features from `from_s` on, padded at the end with the level Whisper gives silence."""
-    k = int(round(from_s * FRAMES_PER_S))
-    out = np.full_like(feats, feats.max() - 2.0)  # Whisper floors at 8 log10 units below the peak, scaled by 1/4
-    out[:, : feats.shape[1] - k] = feats[:, k:]
-    return out

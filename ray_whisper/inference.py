@@ -7,6 +7,8 @@ It can be tried without a cluster: `Transcriber(...)(ds.take_batch(16))`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 from typing import Any
@@ -18,9 +20,10 @@ import torch
 from . import features, network, schema
 from .config import DecodingOptions
 from .constants import SAMPLE_RATE
-from .decoding import ChunkTranscript, Decoder, transcribe_chunks
+from .decoding import Decoder
 from .errors import MODEL_ERROR, row_error
 from .model import local_model_dir, model_files
+from .passes import ChunkTranscript, transcribe_chunks
 from .tokens import language_code, special_tokens
 from .tuning import keep_freed_memory, resolve_dtype, run_at_normal_priority
 
@@ -49,11 +52,24 @@ class Transcriber:
         self.decoder = Decoder(self.net, self.tokens, options)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
-    def decode(self, feats: np.ndarray, languages: list[str | None], durations: list[float]) -> list[ChunkTranscript]:
-        """Chunks' features (chunks, n_mels, 3000), each chunk's language (None: the options', else detect)
-        and length in seconds -> their timed segments."""
+    def decode(self, feats: np.ndarray, languages: list[str | None], durations: list[float],
+               prompts: list[str | None] | None = None, seeds: list[int] | None = None) -> list[ChunkTranscript]:
+        """Chunks' features (chunks, n_mels, 3000), and per chunk its language (None: the options', else
+        detect), length in seconds, prompt text (None: --initial-prompt) and sampling seed -> timed segments."""
         requested = [language_code(lang or self.options.language, self.tokens) for lang in languages]
-        return transcribe_chunks(self.decoder, feats, requested, durations)
+        texts = prompts or [None] * len(durations)
+        prompt_ids = [self._prompt_ids(text or self.options.initial_prompt) for text in texts]
+        return transcribe_chunks(self.decoder, feats, requested, durations, self._text, prompt_ids, seeds)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one actor, a bounded cache of the prompts it has seen
+    def _prompt_ids(self, text: str | None) -> list[int] | None:
+        """A prompt's tokens, as Whisper encodes it: with a leading space, no special tokens."""
+        if not text or not text.strip():
+            return None
+        return self.tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         schema.require(batch, schema.MODEL_INPUT, "model")
@@ -66,13 +82,20 @@ class Transcriber:
             feats = features.from_bytes([batch[schema.FEATURES][i] for i in todo], self.n_mels)
             durations = [(int(batch[schema.END][i]) - int(batch[schema.START][i])) / SAMPLE_RATE for i in todo]
             languages = [lang if _is_text(lang) else None for lang in (batch[schema.LANGUAGE][i] for i in todo)]
+            prompts = [p if _is_text(p) else None for p in (batch[schema.PROMPT][i] for i in todo)]
+            seeds = [chunk_seed(str(batch[schema.ID][i]), int(batch[schema.CHUNK_INDEX][i])) for i in todo]
             try:
-                results = dict(zip(todo, self.decode(feats, languages, durations)))
+                results = dict(zip(todo, self.decode(feats, languages, durations, prompts, seeds)))
             except Exception as e:  # a batch-level model failure must not lose rows: report it per chunk
                 log.exception("model failed on a batch of %d chunks", len(todo))
                 for i in todo:
                     errors[i] = row_error(MODEL_ERROR, f"{type(e).__name__}: {e}")
         return _token_rows(batch, results, errors)
+
+
+def chunk_seed(file_id: str, index: int) -> int:
+    """The sampling seed of a chunk: the same on every run and in every batch."""
+    return int.from_bytes(hashlib.sha256(f"{file_id}\0{index}".encode()).digest()[:4], "little")
 
 
 def _token_rows(batch: dict[str, np.ndarray], results: dict[int, ChunkTranscript], errors: list[Any]) -> dict[str, Any]:

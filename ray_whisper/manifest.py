@@ -1,7 +1,7 @@
 """Read and check the manifest on the driver, before any worker starts.
 
 A manifest is CSV, JSON Lines or Parquet (chosen by extension) with a required `audio` column and optional
-`id` and `language` columns. It may also be a listing of audio files instead of a file:
+`id`, `language` and `prompt` columns. It may also be a listing of audio files instead of a file:
 
 - a folder or prefix ending in `/` (`s3://bucket/calls/`, `data/calls/`): every file below it, at any
   depth, whose extension is a known audio/video one (AUDIO_EXTENSIONS; other files are skipped);
@@ -11,7 +11,7 @@ A manifest is CSV, JSON Lines or Parquet (chosen by extension) with a required `
 A listing's rows are sorted by key; `audio` is each file's full URI (a local path for local files), `id` is
 its path relative to the listing's root (the folder/prefix, or the part of a glob before its first
 wildcard), e.g. `2024/01/call-17.mp3`: readable, unique, and stable across runs as long as the same
-root is listed. `language` is empty. Problems are ManifestErrors whose message names the file and what to fix.
+root is listed. `language` and `prompt` are empty. Problems are ManifestErrors whose message names the file and what to fix.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def stable_id(audio: str) -> str:
 
 def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
     """Read, check and normalise a manifest (a file, or a listing: see the module doc) into a table with
-    string columns id, audio, language."""
+    string columns id, audio, language, prompt."""
     fmt = manifest_format(uri)
     if fmt == LISTING:
         if filesystem is None:
@@ -172,6 +172,7 @@ def _list_audio(uri: str, filesystem: Any) -> pa.Table:
             schema.ID: pa.array(ids, pa.string()),
             schema.AUDIO: pa.array(audio_uris, pa.string()),
             schema.LANGUAGE: pa.nulls(len(files), pa.string()),
+            schema.PROMPT: pa.nulls(len(files), pa.string()),
         }
     )
 
@@ -224,7 +225,7 @@ def _check_json_lines(data: bytes, uri: str) -> None:
 
 
 def normalise(table: pa.Table, uri: str) -> pa.Table:
-    """Check columns and rows; return (id, audio, language) as strings, blank audio rows rejected."""
+    """Check columns and rows; return (id, audio, language, prompt) as strings, blank audio rows rejected."""
     columns = table.column_names
     if schema.AUDIO not in columns:
         raise ManifestError(
@@ -257,12 +258,16 @@ def normalise(table: pa.Table, uri: str) -> pa.Table:
             "they key the output rows. Fix the ids, or drop the 'id' column to use a hash of 'audio' "
             "(then listing one file twice is also a duplicate)."
         )
-    if schema.LANGUAGE in columns:
-        lang = table[schema.LANGUAGE].cast(pa.string())
-        lang = pc.if_else(pc.equal(pc.utf8_trim_whitespace(lang), ""), pa.scalar(None, pa.string()), lang)
-    else:
-        lang = pa.nulls(table.num_rows, pa.string())
-    return pa.table({schema.ID: ids, schema.AUDIO: audio, schema.LANGUAGE: lang})
+    return pa.table({schema.ID: ids, schema.AUDIO: audio, schema.LANGUAGE: _optional_text(table, schema.LANGUAGE),
+                     schema.PROMPT: _optional_text(table, schema.PROMPT)})
+
+
+def _optional_text(table: pa.Table, column: str) -> pa.ChunkedArray | pa.Array:
+    """An optional text column: blank cells are null, a missing column is all null."""
+    if column not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    values = table[column].cast(pa.string())
+    return pc.if_else(pc.equal(pc.utf8_trim_whitespace(values), ""), pa.scalar(None, pa.string()), values)
 
 
 def _resolve_relative(audio: pa.ChunkedArray, manifest_uri: str) -> pa.ChunkedArray:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import DecoderCache
 from .model import WEIGHT_FILES
 
 
@@ -165,76 +166,6 @@ class _Body(nn.Module):
         self.decoder = Decoder(d)
 
 
-class DecoderCache:
-    """Per decoder layer: self-attention keys/values written in place into tensors sized for the longest
-    sequence, and the cross-attention keys/values of the encoder output, computed once.
-
-    The first `rows` batch rows of the self-attention tensors are in use. With beam search each chunk has
-    `group` rows (its beams) that share one cross-attention row: the first rows // group of those. Rows that
-    finish leave with `drop` (greedy) or `reorder` (beams)."""
-
-    def __init__(self, self_kv: list[tuple[torch.Tensor, torch.Tensor]], cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                 group: int = 1):
-        self._self_kv = self_kv
-        self._cross_kv = cross_kv
-        self.group = group
-        self.rows = self_kv[0][0].shape[0] if self_kv else 0
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self._self_kv[0][0].shape[2]
-
-    @property
-    def self_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(k[: self.rows], v[: self.rows]) for k, v in self._self_kv]
-
-    @property
-    def cross_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.rows // self.group
-        return [(k[:n], v[:n]) for k, v in self._cross_kv]
-
-    def drop(self, going: torch.Tensor) -> torch.Tensor:
-        """Remove the rows where `going` (bool, one per row in use) is False (greedy: one row per chunk).
-        The kept rows at the end move into the places of those that leave, so a row leaving costs one row's
-        copy, not a copy of the whole cache (for tiny on CPU, ~18 MB per row of cross-attention keys and
-        values). Returns, for each row in its new place, the index it had before; the caller reorders its own
-        per-row state with it."""
-        if self.group != 1:
-            raise ValueError("drop is for caches of one row per chunk; beams leave with reorder")
-        keep = going.nonzero()[:, 0]
-        n = keep.numel()
-        order = torch.arange(n, device=keep.device)
-        holes = (~going[:n]).nonzero()[:, 0]  # leaving rows among the first n
-        movers = keep[keep >= n]  # kept rows beyond the first n: as many as there are holes
-        if holes.numel():
-            for k, v in self._self_kv:
-                k[holes, :, : self.length] = k[movers, :, : self.length]
-                v[holes, :, : self.length] = v[movers, :, : self.length]
-            for k, v in self._cross_kv:
-                k[holes] = k[movers]
-                v[holes] = v[movers]
-            order[holes] = movers
-        self.rows = n
-        return order
-
-    def reorder(self, rows: torch.Tensor, chunks: torch.Tensor | None = None) -> None:
-        """Beam search: the self-attention rows in use become old rows `rows`, in that order (a beam that
-        continues two ways is copied), and, when chunks leave, the cross-attention rows become old rows
-        `chunks` (len(rows) == group * len(chunks))."""
-        n = rows.numel()
-        for k, v in self._self_kv:
-            k[:n, :, : self.length] = k[rows, :, : self.length]
-            v[:n, :, : self.length] = v[rows, :, : self.length]
-        if chunks is not None:
-            if chunks.numel() * self.group != n:
-                raise ValueError(f"{n} rows are not {self.group} beams for each of {chunks.numel()} chunks")
-            for k, v in self._cross_kv:
-                k[: chunks.numel()] = k[chunks]
-                v[: chunks.numel()] = v[chunks]
-        self.rows = n
-
-
 class Whisper(nn.Module):
     def __init__(self, dims: Dims):
         super().__init__()
@@ -247,8 +178,10 @@ class Whisper(nn.Module):
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(mel)
 
-    def new_cache(self, encoded: torch.Tensor, max_tokens: int, group: int = 1) -> DecoderCache:
-        """A cache for decoding `encoded` (chunks, 1500, d_model), `group` rows (beams) per chunk."""
+    def new_cache(self, encoded: torch.Tensor, max_tokens: int, group: int = 1,
+                  offsets: torch.Tensor | None = None) -> DecoderCache:
+        """A cache for decoding `encoded` (chunks, 1500, d_model), `group` rows (beams) per chunk; `offsets`
+        (one per row) is the left padding of rows whose prefix is shorter than the longest."""
         dec = self.model.decoder
         b = encoded.shape[0] * group
         heads = self.dims.decoder_heads
@@ -260,7 +193,7 @@ class Whisper(nn.Module):
         ]
         # contiguous: every decoder step reads all of them (attention over a transposed view is ~25% slower on CPU)
         cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoded)) for layer in dec.layers]
-        return DecoderCache(self_kv, cross_kv, group)
+        return DecoderCache(self_kv, cross_kv, group, offsets)
 
     def decode(self, tokens: torch.Tensor, cache: DecoderCache, every_position: bool = False) -> torch.Tensor:
         """Feed (batch, n) tokens after those already in `cache` and advance it by n; returns float32 logits
@@ -270,10 +203,7 @@ class Whisper(nn.Module):
         end = start + n
         if end > cache.capacity:
             raise ValueError(f"decoder cache holds {cache.capacity} tokens; asked for {end}")
-        x = dec.embed_tokens(tokens) + dec.embed_positions.weight[start:end]
-        mask = None
-        if n > 1:  # a prompt: each new token sees the cache and the new tokens up to itself
-            mask = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+        x, mask = self._embed(tokens, cache)
         for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(dec.layers, cache.self_kv, cache.cross_kv):
             h = layer.self_attn_layer_norm(x)
             k, v = layer.self_attn.keys_values(h)
@@ -284,6 +214,28 @@ class Whisper(nn.Module):
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         cache.length = end
         return self.vocabulary_logits(dec.layer_norm(x if every_position else x[:, -1])).float()
+
+    def _embed(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token and position embeddings of (rows, n) new tokens, and the self-attention mask they need.
+
+        Rows whose prefix is shorter than the longest in the batch (a shorter prompt) are padded on the left:
+        `cache.offsets` says by how much. Their positions count from their first real token and the padding
+        is masked out of attention, so each row decodes as it would alone."""
+        dec = self.model.decoder
+        start, n = cache.length, tokens.shape[1]
+        end = start + n
+        if cache.offsets is None:
+            mask = None
+            if n > 1:  # a prompt: each new token sees the cache and the new tokens up to itself
+                mask = torch.ones(n, end, dtype=torch.bool, device=tokens.device).tril(diagonal=start)
+            return dec.embed_tokens(tokens) + dec.embed_positions.weight[start:end], mask
+        offsets = cache.offsets[: tokens.shape[0], None]
+        positions = (torch.arange(start, end, device=tokens.device)[None, :] - offsets).clamp_(min=0)
+        keys = torch.arange(end, device=tokens.device)[None, None, :]
+        visible = keys >= offsets[:, :, None]  # (rows, 1, end): never the padding
+        if n > 1:
+            visible = visible & (keys <= torch.arange(start, end, device=tokens.device)[None, :, None])
+        return dec.embed_tokens(tokens) + dec.embed_positions.weight[positions], visible[:, None]
 
     def vocabulary_logits(self, h: torch.Tensor) -> torch.Tensor:
         """proj_out(h). On CPU in float32, through a copy of the weight laid out for oneDNN's matrix product

@@ -89,13 +89,17 @@ class OutputDir:
         except FileNotFoundError:
             return []
 
-    def scan(self) -> pa.Table:
-        """The latest row of every id in our parts (SCAN_COLUMNS and `part`); foreign files are skipped."""
+    def rows(self) -> pa.Table:
+        """Every column of the latest row of every id in our parts, whether or not a run committed."""
+        return self.scan(None).drop_columns([schema.PART])
+
+    def scan(self, columns: list[str] | None = SCAN_COLUMNS) -> pa.Table:
+        """The latest row of every id in our parts (`columns` and `part`); foreign files are skipped."""
         tables, foreign = [], []
         for name in self._names():
             if not (name.startswith(PART_PREFIX) and name.endswith(".parquet")):
                 continue
-            table, why = read_part(self.fs, self.path(name), SCAN_COLUMNS)
+            table, why = read_part(self.fs, self.path(name), columns)
             if table is None:
                 foreign.append(f"{name} ({why})")
                 continue
@@ -104,8 +108,8 @@ class OutputDir:
             log.warning("%d file(s) in %s named like parts are not ours and are ignored (left as they are): %s",
                         len(foreign), self.uri, "; ".join(foreign[:3]) + ("; ..." if len(foreign) > 3 else ""))
         if not tables:
-            fields = [schema.OUTPUT_SCHEMA.field(c) for c in SCAN_COLUMNS] + [pa.field(schema.PART, pa.string())]
-            return pa.schema(fields).empty_table()
+            fields = [schema.OUTPUT_SCHEMA.field(c) for c in (columns or schema.OUTPUT_SCHEMA.names)]
+            return pa.schema(fields + [pa.field(schema.PART, pa.string())]).empty_table()
         return latest_per_id(pa.concat_tables(tables))
 
     def begin(self, manifest: pa.Table, fingerprint: str, *, overwrite: bool, retry_errors: bool) -> tuple[pa.Table, pa.Table]:

@@ -64,7 +64,7 @@ def file_to_chunks(
     """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up."""
     # the URI without its secrets travels on (to the output); the real one is only used to fetch
     base = {schema.ID: row[schema.ID], schema.AUDIO: storage.public_uri(row[schema.AUDIO]),
-            schema.LANGUAGE: row.get(schema.LANGUAGE)}
+            schema.LANGUAGE: row.get(schema.LANGUAGE), schema.PROMPT: row.get(schema.PROMPT)}
     notes: list[str] = []
     pending: list[tuple[Chunk, np.ndarray]] = []
     emitted = 0
@@ -112,7 +112,7 @@ def chunk_batch(
     """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready."""
     import torch
 
-    schema.require(batch.column_names, schema.MANIFEST_COLUMNS, "CPU (decode)")
+    schema.require(batch.column_names, (schema.ID, schema.AUDIO), "CPU (decode)")
     torch.set_num_threads(1)  # one decode task per CPU; torch must not fan out across the node
     out = _Collector()
     for row in batch.to_pylist():

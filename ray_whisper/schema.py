@@ -20,7 +20,8 @@ from .errors import ContractError
 ID = "id"  # optional in the manifest: defaults to a stable hash of `audio`
 AUDIO = "audio"  # required: path or URI of the audio file
 LANGUAGE = "language"  # optional: spoken language per row
-MANIFEST_COLUMNS = (ID, AUDIO, LANGUAGE)
+PROMPT = "prompt"  # optional: text every chunk of the row's file is conditioned on (overrides --initial-prompt)
+MANIFEST_COLUMNS = (ID, AUDIO, LANGUAGE, PROMPT)
 
 # chunk rows
 CHUNK_INDEX = "chunk_index"  # 0, 1, ... within the file
@@ -38,6 +39,7 @@ CHUNK_SCHEMA = pa.schema(
         (ID, pa.string()),
         (AUDIO, pa.string()),
         (LANGUAGE, pa.string()),
+        (PROMPT, pa.string()),
         (CHUNK_INDEX, pa.int32()),
         (IS_LAST, pa.bool_()),
         (START, pa.int64()),
@@ -50,7 +52,7 @@ CHUNK_SCHEMA = pa.schema(
     ]
 )
 # what the model stage reads; everything else of a chunk row passes through it untouched
-MODEL_INPUT = (ID, LANGUAGE, START, END, FEATURES, ERROR)
+MODEL_INPUT = (ID, LANGUAGE, PROMPT, CHUNK_INDEX, START, END, FEATURES, ERROR)
 
 # token rows: the chunk rows (features dropped) with the chunk's segments as parallel lists, times in
 # seconds from the chunk's start

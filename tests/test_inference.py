@@ -178,3 +178,64 @@ def test_model_actor_undoes_ray_worker_niceness():
     assert started == "15 True"
     assert all_threads == "0"
     assert later == "0"
+
+
+def test_a_prompt_moves_the_transcript_toward_the_prompted_spelling(greedy):
+    """hotwords.mp3 says "ComfyUI"; unprompted tiny.en hears "comfyu eye"."""
+    from conftest import DATA
+
+    hot = __import__("ray_whisper.audio", fromlist=["decode_all"]).decode_all((DATA / "hotwords.mp3").read_bytes())
+    feats = features.log_mel([hot], 80)
+    (plain,) = greedy.decode(feats, [None], [hot.size / 16_000])
+    (prompted,) = greedy.decode(feats, [None], [hot.size / 16_000], prompts=["ComfyUI"])
+    assert "ComfyUI" not in text_of(greedy, plain)
+    assert text_of(greedy, prompted).count("ComfyUI") >= 1 and "comfyu eye" not in text_of(greedy, prompted).lower()
+
+
+def test_rows_with_prompts_of_different_lengths_decode_as_they_would_alone(greedy, speech_clips):
+    """Shorter prefixes are padded on the left inside a batch; the padding must change nothing."""
+    jfk, mit = speech_clips[0][0], speech_clips[1][0]
+    feats = features.log_mel([jfk, mit, jfk], 80)
+    prompts = ["A speech by President Kennedy in 1961, about the duties of citizens.", None, "ComfyUI"]
+    durations = [jfk.size / 16_000, mit.size / 16_000, jfk.size / 16_000]
+    together = greedy.decoder(feats, [None] * 3, [greedy._prompt_ids(p) for p in prompts])
+    for i, p in enumerate(prompts):
+        (alone,) = greedy.decoder(feats[i : i + 1], [None], [greedy._prompt_ids(p)])
+        assert together[i].tokens == alone.tokens, i
+        assert together[i].avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-3)
+        assert together[i].no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-4)
+    assert durations  # the three rows share one batch of three prefixes of different lengths
+
+
+def _max_repeats(text: str, n: int = 3) -> int:
+    words = ev.normalize(text).split()
+    grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return max((grams.count(g) for g in set(grams)), default=0)
+
+
+def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alone(bundled_model, speech_clips):
+    """tiny.en (English only) on the German half of multilingual.mp3 loops greedily ("some more defeation,
+    some more defeation, ..."); decoded again at higher temperatures, only that chunk changes, and the same
+    way on every run (seeded sampling)."""
+    from conftest import DATA
+
+    from ray_whisper.audio import decode_all
+    from ray_whisper.passes import compression_ratio
+
+    german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 60 * 16_000]
+    jfk = speech_clips[0][0]
+    feats = features.log_mel([german, jfk], 80)
+    args = ([None, None], [29.0, jfk.size / 16_000])
+    seeds = [11, 12]
+    plain = Transcriber(bundled_model, DecodingOptions(temperatures="0"), cpu_threads=2)
+    looped, jfk_plain = (text_of(plain, r) for r in plain.decode(feats, *args, seeds=seeds))
+    assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
+
+    fallback = Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
+    first = fallback.decode(feats, *args, seeds=seeds)
+    fixed = text_of(fallback, first[0])
+    assert first[0].temperature > 0 and compression_ratio(fixed) < compression_ratio(looped) / 2
+    assert _max_repeats(fixed) <= 2, fixed
+    assert first[1].temperature == 0 and text_of(fallback, first[1]) == jfk_plain  # untouched
+    again = fallback.decode(feats, *args, seeds=seeds)
+    assert [text_of(fallback, r) for r in again] == [fixed, jfk_plain]  # reruns give the same output

@@ -55,19 +55,19 @@ def make(tmp_path, fmt: str, rows: list[dict], name: str = "manifest"):
 
 def test_reads_each_format(tmp_path, fmt):
     table = read_manifest(make(tmp_path, fmt, ROWS))
-    assert table.column_names == ["id", "audio", "language"]
+    assert table.column_names == ["id", "audio", "language", "prompt"]
     assert all(table.schema.field(c).type == pa.string() for c in table.column_names)
     assert table.to_pylist() == [
-        {"id": "007", "audio": "/data/a.wav", "language": "en"},
-        {"id": "42", "audio": "/data/b.mp3", "language": None},  # blank language -> unset
-        {"id": "x-1", "audio": "s3://bucket/c.flac", "language": "de"},
+        {"id": "007", "audio": "/data/a.wav", "language": "en", "prompt": None},
+        {"id": "42", "audio": "/data/b.mp3", "language": None, "prompt": None},  # blank language -> unset
+        {"id": "x-1", "audio": "s3://bucket/c.flac", "language": "de", "prompt": None},
     ]
 
 
 def test_only_audio_column(tmp_path, fmt):
     rows = [{"audio": r["audio"]} for r in ROWS]
     table = read_manifest(make(tmp_path, fmt, rows))
-    assert table.column_names == ["id", "audio", "language"]
+    assert table.column_names == ["id", "audio", "language", "prompt"]
     assert table["language"].null_count == 3
     assert table["audio"].to_pylist() == [r["audio"] for r in ROWS]
 
@@ -106,7 +106,7 @@ def test_csv_keeps_ids_and_values_as_text(tmp_path):
 def test_csv_quoting_bom_and_crlf(tmp_path):
     path = tmp_path / "m.csv"
     path.write_bytes('\ufeffaudio,id\r\n"/x/a, b.wav",007\r\n'.encode("utf-8"))
-    assert read_manifest(str(path)).to_pylist() == [{"id": "007", "audio": "/x/a, b.wav", "language": None}]
+    assert read_manifest(str(path)).to_pylist() == [{"id": "007", "audio": "/x/a, b.wav", "language": None, "prompt": None}]
 
 
 def test_jsonl_numeric_ids_become_strings(tmp_path):
@@ -122,7 +122,7 @@ def test_parquet_string_ids_kept(tmp_path):
 def test_gzipped_csv_and_other_extensions(tmp_path):
     gz = tmp_path / "m.csv.gz"
     gz.write_bytes(gzip.compress(b"audio,id\n/a.wav,007\n"))
-    assert read_manifest(str(gz)).to_pylist() == [{"id": "007", "audio": "/a.wav", "language": None}]
+    assert read_manifest(str(gz)).to_pylist() == [{"id": "007", "audio": "/a.wav", "language": None, "prompt": None}]
     nd = write_jsonl(tmp_path / "m.ndjson", [{"audio": "/a.wav"}])
     assert read_manifest(str(nd))["audio"].to_pylist() == ["/a.wav"]
     assert manifest_format("s3://b/x.PARQUET") == "parquet"
@@ -292,4 +292,10 @@ def test_tab_separated_manifests_are_read_whatever_their_name(tmp_path, name):
     path = tmp_path / name
     path.write_text("id\taudio\tlanguage\n007\t/x/a, b.wav\ten\n")
     table = read_manifest(str(path))
-    assert table.to_pylist() == [{"id": "007", "audio": "/x/a, b.wav", "language": "en"}]
+    assert table.to_pylist() == [{"id": "007", "audio": "/x/a, b.wav", "language": "en", "prompt": None}]
+
+
+def test_a_prompt_column_is_kept_per_row_and_blank_prompts_are_none(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('audio,prompt\n/a.wav,ComfyUI nodes\n/b.wav,  \n')
+    assert read_manifest(str(path))["prompt"].to_pylist() == ["ComfyUI nodes", None]

@@ -213,7 +213,7 @@ def test_local_glob_and_folder_listings(tmp_path):
     assert ids(f"{tmp_path}/calls/**/*.wav") == ["2024/01/c.wav", "a.wav"]
     assert ids(f"{tmp_path}/calls/") == ["2024/01/c.wav", "2024/b.mp3", "a.wav"]
     table = read_manifest(f"{tmp_path}/calls/*/*.mp3")
-    assert table.to_pylist() == [{"id": "2024/b.mp3", "audio": f"{tmp_path}/calls/2024/b.mp3", "language": None}]
+    assert table.to_pylist() == [{"id": "2024/b.mp3", "audio": f"{tmp_path}/calls/2024/b.mp3", "language": None, "prompt": None}]
     # a manifest file whose name merely looks like a glob is read as a manifest
     assert read_manifest(f"{tmp_path}/manifest[1].csv")["audio"].to_pylist() == [f"{tmp_path}/calls/a.wav"]
     with pytest.raises(ManifestError, match="empty or does not exist"):

@@ -11,6 +11,7 @@ LEAVES = ("constants", "errors", "languages")
 # imports kept inside functions for a measured start-up cost (python -X importtime), each said at the import
 DEFERRED = {
     ("cli", "pipeline"),  # 0.4 s of pyarrow, tokenizers and fsspec that --help and a bad flag do not need
+    ("cli", "export"),  # the same for `ray-whisper export`
     ("pipeline", "inference"),  # torch and the network, ~3 s: the driver never runs the model
 }
 

@@ -1,0 +1,130 @@
+"""The passes over a batch of chunks, on top of the decoder: Whisper's rules for what a decoding is worth.
+
+- silence: a likely no-speech chunk decoded with low confidence has no text (it would be invented);
+- fallback: a chunk whose text repeats itself (its zlib compression ratio above --compression-ratio-threshold)
+  or whose mean log-probability is below --logprob-threshold is decoded again at the next of --temperatures,
+  sampling with a seed of its own; only the failing chunks go round again, batched with each other, and the
+  no-speech rule still wins;
+- seek: Whisper often stops at the end of a segment well before the end of its chunk and drops the rest. As
+  in its own sequential decoding, such a chunk is decoded again from its last timestamp (once) when there is
+  sound after it; the second pass's segments are appended.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import DecodingOptions
+from .constants import FRAMES_PER_S
+from .decoding import Decoded, Decoder
+from .tokens import segments_from_tokens
+
+SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
+
+
+@dataclass
+class ChunkTranscript:
+    """One chunk's segments, (start_s, end_s, text tokens) relative to the chunk, and how it decoded."""
+
+    segments: list[tuple[float, float, list[int]]]
+    language: str
+    no_speech_prob: float
+    avg_logprob: float
+    temperature: float = 0.0
+
+
+def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None], durations: list[float],
+                      text_of: Callable[[list[int]], str], prompts: list[list[int]] | None = None,
+                      seeds: list[int] | None = None) -> list[ChunkTranscript]:
+    """Decode chunks into timed segments under the three rules above. `text_of` turns token ids into text
+    (for the compression ratio); `prompts` and `seeds` are per chunk, as Decoder takes them."""
+    opt = decoder.opt
+    n = len(durations)
+    prompts, seeds = prompts or [None] * n, seeds or list(range(n))
+    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of)
+    out = [_transcript(decoder, d, duration) for d, duration in zip(decoded, durations)]
+    if not opt.timestamps:
+        return out
+    again = [
+        (i, row.segments[-1][1]) for i, (row, duration) in enumerate(zip(out, durations))
+        if row.segments and row.segments[-1][1] < duration - SEEK_SLACK_S
+        and _has_sound(feats[i], row.segments[-1][1], duration)
+    ]
+    if again:
+        shifted = np.stack([_shift(feats[i], resume) for i, resume in again])
+        rows = [i for i, _ in again]
+        second = _with_fallback(decoder, shifted, [out[i].language for i in rows], [prompts[i] for i in rows],
+                                [seeds[i] + 1 for i in rows], text_of)
+        for (i, resume), d in zip(again, second):
+            extra = _transcript(decoder, d, durations[i] - resume).segments
+            out[i].segments += [(resume + s, resume + e, t) for s, e, t in extra]
+    return out
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of the text over bytes of its zlib compression: a text that loops compresses well (above ~2.4)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _silent(d: Decoded, opt: DecodingOptions) -> bool:
+    return d.no_speech_prob > opt.no_speech_threshold and d.avg_logprob < opt.logprob_threshold
+
+
+def _failed(d: Decoded, opt: DecodingOptions, text_of: Callable[[list[int]], str]) -> bool:
+    if _silent(d, opt):
+        return False  # silence, not a failed decoding: no text either way
+    return compression_ratio(text_of(d.tokens)) > opt.compression_ratio_threshold or d.avg_logprob < opt.logprob_threshold
+
+
+def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | None], prompts: list, seeds: list[int],
+                   text_of: Callable[[list[int]], str]) -> list[Decoded]:
+    """Decode at the first temperature; decode the chunks that fail again at each next one, together. A chunk
+    that fails at every temperature keeps its best attempt: the likeliest among those that do not loop."""
+    opt = decoder.opt
+    temperatures = opt.temperature_steps
+    results = decoder(feats, languages, prompts, temperatures[0], seeds)
+    attempts = [[r] for r in results]
+    for temperature in temperatures[1:]:
+        redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of)]
+        if not redo:
+            break
+        again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
+                        [seeds[i] for i in redo])
+        for i, r in zip(redo, again):
+            results[i] = r
+            attempts[i].append(r)
+    for i, tried in enumerate(attempts):
+        if len(tried) > 1 and _failed(results[i], opt, text_of):
+            calm = [r for r in tried if compression_ratio(text_of(r.tokens)) <= opt.compression_ratio_threshold]
+            results[i] = max(calm or tried, key=lambda r: r.avg_logprob)
+    return results
+
+
+def _transcript(decoder: Decoder, d: Decoded, duration: float) -> ChunkTranscript:
+    opt = decoder.opt
+    segments = [] if _silent(d, opt) else segments_from_tokens(d.tokens, decoder.t, duration, opt.timestamps)
+    return ChunkTranscript(segments, d.language, d.no_speech_prob, d.avg_logprob, d.temperature)
+
+
+def _has_sound(feats: np.ndarray, from_s: float, to_s: float) -> bool:
+    """Whether the chunk's mel frames between two times rise well above the chunk's quietest level."""
+    level = feats.mean(axis=0)[: int(to_s * FRAMES_PER_S)]
+    tail = level[int(from_s * FRAMES_PER_S) :]
+    if tail.size < 10:
+        return False
+    smooth = np.convolve(tail, np.full(10, 0.1), mode="valid")
+    floor, loud = float(level.min()), float(np.percentile(level, 90))
+    return float(smooth.max()) > floor + 0.5 * (loud - floor)
+
+
+def _shift(feats: np.ndarray, from_s: float) -> np.ndarray:
+    """The chunk's features from `from_s` on, padded at the end with the level Whisper gives silence."""
+    k = int(round(from_s * FRAMES_PER_S))
+    out = np.full_like(feats, feats.max() - 2.0)  # Whisper floors at 8 log10 units below the peak, scaled by 1/4
+    out[:, : feats.shape[1] - k] = feats[:, k:]
+    return out
