@@ -9,6 +9,7 @@ waits for the whole run: a run killed at any point has kept every file whose par
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -34,7 +35,7 @@ def error_row(file_id: str, audio: str, model_name: str, fingerprint: str, error
     """The output row of a file that failed: `error` is "<kind>: <reason>"."""
     return {
         schema.ID: file_id, schema.AUDIO: audio, schema.TEXT: None, schema.SEGMENTS: None, schema.LANGUAGE: None,
-        schema.DURATION_S: None, schema.NUM_CHUNKS: 0, schema.MODEL: model_name, schema.FINGERPRINT: fingerprint,
+        schema.LANGUAGE_PROBABILITY: None, schema.DURATION_S: None, schema.NUM_CHUNKS: 0, schema.MODEL: model_name, schema.FINGERPRINT: fingerprint,
         schema.STATUS: schema.STATUS_ERROR, schema.ERROR: error,
     }
 
@@ -56,16 +57,21 @@ def file_row(batch: dict[str, Any], tokenizer_json: str, model_name: str, finger
             batch[schema.CHUNK_INDEX][i], int(batch[schema.START][i]), int(batch[schema.END][i]),
             int(batch[schema.STRIDE_LEFT][i]), int(batch[schema.STRIDE_RIGHT][i]),
             zip(batch[schema.SEG_START][i], batch[schema.SEG_END][i], batch[schema.SEG_TOKENS][i]),
+            batch[schema.LANGUAGE][i] if _present(batch[schema.LANGUAGE][i]) else None,
         )
         for i in order
     ]
     tok = _tokenizer(tokenizer_json)
     text, segments = to_text(merge_chunks(chunks), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
     warnings = [batch[schema.WARNING][i] for i in order if _present(batch[schema.WARNING][i])]
+    language = vote_language([x for x in batch[schema.LANGUAGE] if _present(x)])
+    probs = [float(p) for x, p in zip(batch[schema.LANGUAGE], batch[schema.LANGUAGE_PROB])
+             if x == language and p is not None and math.isfinite(float(p))]
     return {
         schema.ID: file_id, schema.AUDIO: audio, schema.TEXT: text,
-        schema.SEGMENTS: [{"start": s.start, "end": s.end, "text": s.text} for s in segments],
-        schema.LANGUAGE: vote_language([x for x in batch[schema.LANGUAGE] if _present(x)]),
+        schema.SEGMENTS: [{"start": s.start, "end": s.end, "text": s.text, "language": s.language} for s in segments],
+        schema.LANGUAGE: language,
+        schema.LANGUAGE_PROBABILITY: round(sum(probs) / len(probs), 4) if probs else None,
         schema.DURATION_S: round(max(int(x) for x in batch[schema.END]) / SAMPLE_RATE, 3),
         schema.NUM_CHUNKS: n, schema.MODEL: model_name, schema.FINGERPRINT: fingerprint,
         schema.STATUS: schema.STATUS_OK, schema.ERROR: warnings[0] if warnings else None,

@@ -67,7 +67,11 @@ class DecodingOptions(_Group):
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) of --model.")
     language: str | None = _opt(
         None, "Spoken language code (en, de, ...) for every file; a manifest 'language' column overrides it "
-        "per row. Unset: detected per chunk by multilingual models, English for .en models.",
+        "per row. Unset: detected by multilingual models (see --language-per-chunk), English for .en models.",
+    )
+    language_per_chunk: bool = _opt(
+        False, "Detect the language of every chunk (code-switched audio; each segment then says its language). "
+        "Default: detected once per file, on its first 30 s of sound, and every chunk decoded in it.",
     )
     task: Literal["transcribe", "translate"] = _opt("transcribe", "transcribe, or translate into English.")
     timestamps: bool = _opt(

@@ -31,6 +31,7 @@ class Decoded:
     no_speech_prob: float  # at the start-of-transcript position
     avg_logprob: float  # mean log-probability of the chosen tokens (the end of text included)
     temperature: float = 0.0  # 0: the likeliest tokens; above: a sample (a fallback)
+    language_prob: float = math.nan  # the probability of `language` where it was detected
 
 
 @dataclass
@@ -125,11 +126,13 @@ class Decoder:
                                            dtype=torch.long, device=self.device)
         self.rules = TimestampRules(tokens, vocab, self.device) if options.timestamps else None
 
-    def __call__(self, feats: np.ndarray, languages: list[str | None], prompts: list[list[int]] | None = None,
+    def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
                  temperature: float = 0.0, seeds: list[int] | None = None) -> list[Decoded]:
-        """Decode (chunks, n_mels, 3000) features. Per chunk: its language (None: detect, or English), the
-        token ids of its prompt (Whisper's <|startofprev|> text: names, jargon, earlier text) and, when
-        `temperature` > 0 (sampling instead of the likeliest token), the seed that makes its sample repeatable."""
+        """Decode (chunks, n_mels, 3000) features. Per chunk: its language (a code; None: detect it, English for
+        English-only models; or the index of another chunk of the batch whose detected language it takes: a
+        file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
+        text: names, jargon, earlier text) and, when `temperature` > 0 (sampling instead of the likeliest
+        token), the seed that makes its sample repeatable."""
         net = self.net
         beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
         dtype = next(net.parameters()).dtype
@@ -146,7 +149,7 @@ class Decoder:
             # every row ends at its start-of-transcript, whose logits give the no-speech and language probabilities
             logits = net.decode(torch.tensor(padded, device=self.device), cache)
             no_speech = logits[::beams].softmax(-1)[:, self.t.no_speech].tolist()
-            languages = self._languages(logits[::beams], languages)
+            languages, language_probs = self._languages(logits[::beams], languages)
             rest = [self.t.prompt(lang, self.opt.task, self.opt.timestamps)[1:] for lang in languages for _ in range(beams)]
             if rest[0]:
                 logits = net.decode(torch.tensor(rest, device=self.device), cache)
@@ -156,7 +159,7 @@ class Decoder:
                 tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)))
         return [
             Decoded(tokens[i], languages[i], float(no_speech[i]), float(sum_logprob[i]) / max(len(tokens[i]), 1),
-                    temperature)
+                    temperature, language_probs[i])
             for i in range(chunks)
         ]
 
@@ -168,13 +171,31 @@ class Decoder:
         keep = self.net.dims.n_text_ctx // 2 - 1
         return [self.t.sot_prev, *prompt[-keep:], self.t.sot]
 
-    def _languages(self, sot_logits: torch.Tensor, requested: list[str | None]) -> list[str]:
+    def _languages(self, sot_logits: torch.Tensor, requested: list[str | int | None]) -> tuple[list[str], list[float]]:
+        """Each row's language and, where it was detected, its probability at the start of transcript."""
         if not self.t.multilingual:
-            return ["en"] * len(requested)
+            return ["en"] * len(requested), [math.nan] * len(requested)
+        detected, probs = self._detected(sot_logits)
+        own = [(r, math.nan) if isinstance(r, str) else (detected[i], probs[i]) for i, r in enumerate(requested)]
+        resolved = [own[r] if isinstance(r, int) and not isinstance(r, bool) else own[i] for i, r in enumerate(requested)]
+        return [lang for lang, _ in resolved], [p for _, p in resolved]
+
+    def _detected(self, sot_logits: torch.Tensor) -> tuple[list[str], list[float]]:
         codes = list(self.t.languages)
         ids = torch.tensor([self.t.languages[c] for c in codes], device=sot_logits.device)
-        detected = [codes[i] for i in sot_logits[:, ids].argmax(dim=-1).tolist()]
-        return [lang or det for lang, det in zip(requested, detected)]
+        probs = sot_logits[:, ids].float().softmax(-1)  # over the language tokens alone, as Whisper's detection
+        best, index = probs.max(-1)
+        return [codes[i] for i in index.tolist()], best.tolist()
+
+    def detect(self, feats: np.ndarray) -> list[tuple[str, float]]:
+        """The language of each chunk and its probability, from the start-of-transcript step alone."""
+        dtype = next(self.net.parameters()).dtype
+        with torch.inference_mode():
+            x = torch.from_numpy(feats).to(self.device, dtype)
+            cache = self.net.new_cache(self.net.encode(x), 1)
+            sot = torch.full((x.shape[0], 1), self.t.sot, dtype=torch.long, device=self.device)
+            codes, probs = self._detected(self.net.decode(sot, cache))
+        return list(zip(codes, probs))
 
     def _steps(self, cache: DecoderCache) -> int:
         # the last token chosen is never fed back, so a full cache still allows one more

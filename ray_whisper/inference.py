@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import math
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ from .tokens import language_code, special_tokens
 from .tuning import keep_freed_memory, resolve_dtype, run_at_normal_priority
 
 log = logging.getLogger(__name__)
+
+FILE_LANGUAGES = 4096  # files whose detected language a model actor remembers
 
 
 class Transcriber:
@@ -50,13 +53,16 @@ class Transcriber:
         self.net = network.load(local_model_dir(model_path, options.revision), self.device, dtype)
         self.n_mels = self.net.dims.n_mels
         self.decoder = Decoder(self.net, self.tokens, options)
+        self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
-    def decode(self, feats: np.ndarray, languages: list[str | None], durations: list[float],
+    def decode(self, feats: np.ndarray, languages: list[str | int | None], durations: list[float],
                prompts: list[str | None] | None = None, seeds: list[int] | None = None) -> list[ChunkTranscript]:
         """Chunks' features (chunks, n_mels, 3000), and per chunk its language (None: the options', else
-        detect), length in seconds, prompt text (None: --initial-prompt) and sampling seed -> timed segments."""
-        requested = [language_code(lang or self.options.language, self.tokens) for lang in languages]
+        detect; an index: that chunk's), length in seconds, prompt text (None: --initial-prompt) and sampling
+        seed -> timed segments."""
+        requested = [lang if isinstance(lang, int) else language_code(lang or self.options.language, self.tokens)
+                     for lang in languages]
         texts = prompts or [None] * len(durations)
         prompt_ids = [self._prompt_ids(text or self.options.initial_prompt) for text in texts]
         return transcribe_chunks(self.decoder, feats, requested, durations, self._text, prompt_ids, seeds)
@@ -81,16 +87,67 @@ class Transcriber:
         if todo:
             feats = features.from_bytes([batch[schema.FEATURES][i] for i in todo], self.n_mels)
             durations = [(int(batch[schema.END][i]) - int(batch[schema.START][i])) / SAMPLE_RATE for i in todo]
-            languages = [lang if _is_text(lang) else None for lang in (batch[schema.LANGUAGE][i] for i in todo)]
             prompts = [p if _is_text(p) else None for p in (batch[schema.PROMPT][i] for i in todo)]
             seeds = [chunk_seed(str(batch[schema.ID][i]), int(batch[schema.CHUNK_INDEX][i])) for i in todo]
             try:
-                results = dict(zip(todo, self.decode(feats, languages, durations, prompts, seeds)))
+                languages, known = self._file_languages(batch, todo)
+                decoded = self.decode(feats, languages, durations, prompts, seeds)
+                self._remember(batch, todo, decoded, known)
+                results = dict(zip(todo, decoded))
             except Exception as e:  # a batch-level model failure must not lose rows: report it per chunk
                 log.exception("model failed on a batch of %d chunks", len(todo))
                 for i in todo:
                     errors[i] = row_error(MODEL_ERROR, f"{type(e).__name__}: {e}")
         return _token_rows(batch, results, errors)
+
+    def _file_languages(self, batch: dict[str, np.ndarray], todo: list[int]) -> tuple[list[str | int | None], dict[int, float]]:
+        """Each chunk's language request: its row's, else its file's (detected once, on the file's detection
+        chunk: known to this actor already, decoded in this batch, or detected now from the features the row
+        carries), else None (detected per chunk). Also the probabilities of the languages known before."""
+        out: list[str | int | None] = []
+        known: dict[int, float] = {}
+        in_batch: dict[str, int] = {}
+        probe: dict[str, bytes] = {}
+        for k, i in enumerate(todo):
+            lang, file_id, index = batch[schema.LANGUAGE][i], str(batch[schema.ID][i]), int(batch[schema.CHUNK_INDEX][i])
+            detect_at = int(batch[schema.DETECT_INDEX][i])
+            out.append(lang if _is_text(lang) else None)
+            if _is_text(lang) or detect_at < 0:
+                continue
+            if index == detect_at:
+                in_batch[file_id] = k
+            elif file_id not in self.file_languages:
+                probe[file_id] = batch[schema.DETECT_FEATURES][i]
+        probe = {f: blob for f, blob in probe.items() if f not in in_batch}
+        if probe:  # files whose detection chunk went to another actor or an earlier batch this actor never saw
+            found = self.decoder.detect(features.from_bytes(list(probe.values()), self.n_mels))
+            for file_id, result in zip(probe, found):
+                self._keep(file_id, result)
+        for k, i in enumerate(todo):
+            file_id, detect_at = str(batch[schema.ID][i]), int(batch[schema.DETECT_INDEX][i])
+            if out[k] is not None or detect_at < 0 or int(batch[schema.CHUNK_INDEX][i]) == detect_at:
+                continue
+            if file_id in in_batch:
+                out[k] = in_batch[file_id]
+            else:
+                out[k], known[k] = self.file_languages[file_id]
+        return out, known
+
+    def _remember(self, batch: dict[str, np.ndarray], todo: list[int], decoded: list[ChunkTranscript],
+                  known: dict[int, float]) -> None:
+        """Keep the languages detected on detection chunks; give the rows that took a known language its
+        probability."""
+        for k, (i, result) in enumerate(zip(todo, decoded)):
+            if k in known:
+                result.language_prob = known[k]
+            elif int(batch[schema.CHUNK_INDEX][i]) == int(batch[schema.DETECT_INDEX][i]):
+                self._keep(str(batch[schema.ID][i]), (result.language, result.language_prob))
+
+    def _keep(self, file_id: str, language: tuple[str, float]) -> None:
+        self.file_languages[file_id] = language
+        self.file_languages.move_to_end(file_id)
+        while len(self.file_languages) > FILE_LANGUAGES:
+            self.file_languages.popitem(last=False)
 
 
 def chunk_seed(file_id: str, index: int) -> int:
@@ -112,6 +169,7 @@ def _token_rows(batch: dict[str, np.ndarray], results: dict[int, ChunkTranscript
         schema.SEG_TOKENS: [[t for _, _, t in r.segments] for r in rows],
         schema.NO_SPEECH_PROB: np.array([r.no_speech_prob for r in rows]),
         schema.AVG_LOGPROB: np.array([r.avg_logprob for r in rows]),
+        schema.LANGUAGE_PROB: np.array([r.language_prob for r in rows]),
     }
 
 

@@ -22,6 +22,7 @@ class TokenSegment:
     start: float  # seconds
     end: float
     tokens: tuple[int, ...]
+    language: str | None = None  # the language its chunk was decoded in
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,11 @@ class ChunkResult:
     segments: tuple[TokenSegment, ...]  # times relative to the chunk start
 
     @classmethod
-    def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments) -> "ChunkResult":
+    def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments,
+                     language: str | None = None) -> "ChunkResult":
         """From chunk geometry in samples at 16 kHz and (start_s, end_s, token ids) segments."""
         sr = SAMPLE_RATE
-        segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks)) for a, b, toks in segments)
+        segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks), language) for a, b, toks in segments)
         return cls(int(index), start / sr, end / sr, stride_left / sr, stride_right / sr, segs)
 
 
@@ -50,6 +52,7 @@ class Segment:
     start: float
     end: float
     text: str
+    language: str | None = None
 
 
 @dataclass
@@ -71,7 +74,7 @@ def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
         n = len(seg.tokens)
         for k, t in enumerate(seg.tokens):
             tokens.append(_Token(start + (end - start) * (k + 0.5) / n, t, len(segs)))
-        segs.append(TokenSegment(start, end, tuple(seg.tokens)))
+        segs.append(TokenSegment(start, end, tuple(seg.tokens), seg.language))
     return tokens, segs
 
 
@@ -131,7 +134,7 @@ def _cut_segments(segs: list[TokenSegment], tokens: list[_Token], lo: int, hi: i
     for s_idx, seg in enumerate(segs):
         kept = tuple(t.token for t in tokens[lo:hi] if t.seg == s_idx)
         if kept:
-            out.append(TokenSegment(seg.start, seg.end, kept))
+            out.append(TokenSegment(seg.start, seg.end, kept, seg.language))
     return out
 
 
@@ -159,7 +162,7 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
             tail = _cut_segments(segs, tokens, resume, len(tokens))
             if head and tail and _splits_a_segment(left_tokens, keep, tokens, resume):
                 # the splice fell inside a segment on either side: join the two halves into one segment
-                joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens)
+                joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens, head[-1].language)
                 head, tail = head[:-1] + [joined], tail[1:]
             merged = final + head + tail
         prev = chunk
@@ -179,7 +182,7 @@ def _monotonic(segs: list[TokenSegment]) -> list[TokenSegment]:
     for s in segs:
         start = max(s.start, last_end)
         end = max(s.end, start)
-        out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens))
+        out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens, s.language))
         last_end = end
     return out
 
@@ -192,5 +195,5 @@ def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]
         text = decode(s.tokens)
         if text.strip():
             pieces.append(text)
-            out.append(Segment(s.start, s.end, text.strip()))
+            out.append(Segment(s.start, s.end, text.strip(), s.language))
     return " ".join(" ".join(pieces).split()), out

@@ -22,7 +22,7 @@ from .config import StorageOptions
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".rw-tmp-"  # a part being written (local disks); a run removes those its killed predecessors left
 META_KEY = b"ray_whisper"
-SCHEMA_VERSION = 2  # 1: parts without a mark (before the mark existed); 2: the mark, and `fingerprint`
+SCHEMA_VERSION = 3  # 1: parts without a mark; 2: the mark, and `fingerprint`; 3: languages per file and segment
 
 
 def part_name(run_id: str, kind: str = "") -> str:

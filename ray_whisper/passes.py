@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class ChunkTranscript:
     no_speech_prob: float
     avg_logprob: float
     temperature: float = 0.0
+    language_prob: float = float("nan")  # of `language`, where it was detected
 
 
 def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None], durations: list[float],
@@ -96,6 +98,8 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
         again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
                         [seeds[i] for i in redo])
         for i, r in zip(redo, again):
+            if math.isnan(r.language_prob):  # decoded in the language detected the first time: keep its probability
+                r.language_prob = results[i].language_prob
             results[i] = r
             attempts[i].append(r)
     for i, tried in enumerate(attempts):
@@ -108,7 +112,7 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
 def _transcript(decoder: Decoder, d: Decoded, duration: float) -> ChunkTranscript:
     opt = decoder.opt
     segments = [] if _silent(d, opt) else segments_from_tokens(d.tokens, decoder.t, duration, opt.timestamps)
-    return ChunkTranscript(segments, d.language, d.no_speech_prob, d.avg_logprob, d.temperature)
+    return ChunkTranscript(segments, d.language, d.no_speech_prob, d.avg_logprob, d.temperature, d.language_prob)
 
 
 def _has_sound(feats: np.ndarray, from_s: float, to_s: float) -> bool:

@@ -45,6 +45,7 @@ class Prepared:
     model_config: dict[str, Any]  # its config.json
     tokenizer_json: str  # serialized fast tokenizer, so the merge stage needs no transformers
     storage: StorageOptions  # resolved: the driver's endpoint and region, for every worker
+    detect_language: bool = False  # each file's language detected once (a multilingual model, none given)
 
     @property
     def n_mels(self) -> int:
@@ -71,7 +72,8 @@ def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None 
         raise ConfigError(str(e)) from e
     if opt.task == "translate" and not tokens.multilingual:
         raise ConfigError(f"--task translate needs a multilingual model; {opt.model} is English-only")
-    return Prepared(table, model_path, config, tokenizer_json, storage_options)
+    detect = tokens.multilingual and opt.language is None and not opt.language_per_chunk
+    return Prepared(table, model_path, config, tokenizer_json, storage_options, detect)
 
 
 def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
@@ -108,7 +110,8 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
         warnings.simplefilter("ignore", DeprecationWarning)
         chunks = files.map_batches(
             chunk_batch,
-            fn_kwargs={"geom": options.chunks.geometry(), "n_mels": prepared.n_mels, "storage_options": prepared.storage},
+            fn_kwargs={"geom": options.chunks.geometry(), "n_mels": prepared.n_mels, "storage_options": prepared.storage,
+                       "detect_language": prepared.detect_language},
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=1,

@@ -59,9 +59,13 @@ def _safe_pieces(pieces: Iterator[np.ndarray], notes: list[str]) -> Iterator[np.
 
 
 def file_to_chunks(
-    row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector
+    row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector, detect: bool = False
 ) -> Iterator[pa.Table]:
-    """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up."""
+    """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up. With
+    `detect` (a multilingual model, the row's language unknown), the file's first chunk with sound is its
+    detection chunk, and the rows after it carry its features (schema.DETECT_FEATURES)."""
+    detection: dict[str, Any] = {"index": -1, "features": b""}
+    detect = detect and not row.get(schema.LANGUAGE)
     # the URI without its secrets travels on (to the output); the real one is only used to fetch
     base = {schema.ID: row[schema.ID], schema.AUDIO: storage.public_uri(row[schema.AUDIO]),
             schema.LANGUAGE: row.get(schema.LANGUAGE), schema.PROMPT: row.get(schema.PROMPT)}
@@ -74,11 +78,15 @@ def file_to_chunks(
         audible = [not is_silent(a) for _, a in pending]
         feats = iter(features.log_mel([a for (_, a), keep in zip(pending, audible) if keep], n_mels))
         for (c, _), keep in zip(pending, audible):
+            blob = features.to_bytes(next(feats)) if keep else b""  # empty: silent, not decoded
+            carried = detection["features"]
+            if detect and keep and detection["index"] < 0:
+                detection.update(index=c.index, features=blob)
             out.add(
                 **base, chunk_index=c.index, is_last=c.is_last, start=c.start, end=c.end,
-                stride_left=c.stride_left, stride_right=c.stride_right,
-                features=features.to_bytes(next(feats)) if keep else b"",  # empty: silent, not decoded
+                stride_left=c.stride_left, stride_right=c.stride_right, features=blob,
                 warning=notes[0] if (c.is_last and notes) else None,
+                detect_index=detection["index"], detect_features=carried,
             )
         emitted += len(pending)
         pending.clear()
@@ -103,13 +111,15 @@ def file_to_chunks(
 def _add_error(out: _Collector, base: dict[str, Any], error: str, emitted: int) -> None:
     # chunk_index after any chunks already emitted, so the error row never collides with one of them
     out.add(**base, chunk_index=emitted, is_last=True, start=0, end=0, stride_left=0, stride_right=0,
-            features=b"", error=error)
+            features=b"", error=error, detect_index=-1, detect_features=b"")
 
 
 def chunk_batch(
-    batch: pa.Table, geom: ChunkGeometry, n_mels: int, storage_options: StorageOptions | None = None
+    batch: pa.Table, geom: ChunkGeometry, n_mels: int, storage_options: StorageOptions | None = None,
+    detect_language: bool = False,
 ) -> Iterator[pa.Table]:
-    """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready."""
+    """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready.
+    `detect_language`: the model detects each file's language once (see file_to_chunks)."""
     import torch
 
     schema.require(batch.column_names, (schema.ID, schema.AUDIO), "CPU (decode)")
@@ -117,6 +127,6 @@ def chunk_batch(
     out = _Collector()
     for row in batch.to_pylist():
         fs = storage.filesystem(row[schema.AUDIO], storage_options)
-        yield from file_to_chunks(row, geom, n_mels, fs, out)
+        yield from file_to_chunks(row, geom, n_mels, fs, out, detect_language)
     if len(out):
         yield out.take()

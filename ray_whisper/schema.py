@@ -33,6 +33,10 @@ STRIDE_RIGHT = "stride_right"
 FEATURES = "features"  # float16 log-mel bytes, (n_mels, 3000); empty: silent, not decoded
 ERROR = "error"  # "<kind>: <reason>": the file failed (an error row carries no audio)
 WARNING = "warning"  # a note that drops no audio ("truncated: ..."); the file's last chunk carries it
+# the file's language is detected once, on its first chunk with sound (the detection chunk); every later row
+# of the file carries that chunk's features, so whichever model actor decodes it can detect the same language
+DETECT_INDEX = "detect_index"  # the detection chunk's index; -1: no detection (language given, or per chunk)
+DETECT_FEATURES = "detect_features"  # its features (rows after it); empty on itself and when not needed
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -49,10 +53,12 @@ CHUNK_SCHEMA = pa.schema(
         (FEATURES, pa.large_binary()),
         (ERROR, pa.string()),
         (WARNING, pa.string()),
+        (DETECT_INDEX, pa.int32()),
+        (DETECT_FEATURES, pa.large_binary()),
     ]
 )
 # what the model stage reads; everything else of a chunk row passes through it untouched
-MODEL_INPUT = (ID, LANGUAGE, PROMPT, CHUNK_INDEX, START, END, FEATURES, ERROR)
+MODEL_INPUT = (ID, LANGUAGE, PROMPT, CHUNK_INDEX, START, END, FEATURES, ERROR, DETECT_INDEX, DETECT_FEATURES)
 
 # token rows: the chunk rows (features dropped) with the chunk's segments as parallel lists, times in
 # seconds from the chunk's start
@@ -61,11 +67,12 @@ SEG_END = "seg_end"
 SEG_TOKENS = "seg_tokens"
 NO_SPEECH_PROB = "no_speech_prob"
 AVG_LOGPROB = "avg_logprob"
-TOKEN_COLUMNS = tuple(n for n in CHUNK_SCHEMA.names if n != FEATURES) + (
-    SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB,
+LANGUAGE_PROB = "language_prob"  # of the language the chunk was decoded in, when it was detected
+TOKEN_COLUMNS = tuple(n for n in CHUNK_SCHEMA.names if n not in (FEATURES, DETECT_FEATURES)) + (
+    SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB, LANGUAGE_PROB,
 )
 ASSEMBLE_INPUT = (ID, AUDIO, LANGUAGE, CHUNK_INDEX, IS_LAST, START, END, STRIDE_LEFT, STRIDE_RIGHT, ERROR, WARNING,
-                  SEG_START, SEG_END, SEG_TOKENS)
+                  SEG_START, SEG_END, SEG_TOKENS, LANGUAGE_PROB)
 
 # output rows: exactly one per manifest row
 TEXT = "text"
@@ -75,14 +82,17 @@ NUM_CHUNKS = "num_chunks"
 MODEL = "model"
 FINGERPRINT = "fingerprint"
 STATUS = "status"
-SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+LANGUAGE_PROBABILITY = "language_probability"
+SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                          ("language", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),
         pa.field(AUDIO, pa.string(), nullable=False),  # as listed (relative paths resolved), secrets redacted
         pa.field(TEXT, pa.string()),  # whole transcript; "" for silence, null on error
         pa.field(SEGMENTS, pa.list_(SEGMENT_TYPE)),  # seconds from the start of the file
-        pa.field(LANGUAGE, pa.string()),  # requested, or detected (most chunks' vote)
+        pa.field(LANGUAGE, pa.string()),  # requested, or detected (once per file, or most chunks' vote)
+        pa.field(LANGUAGE_PROBABILITY, pa.float64()),  # the detection's probability of it; null when requested
         pa.field(DURATION_S, pa.float64()),  # decoded audio length
         pa.field(NUM_CHUNKS, pa.int32()),  # chunks transcribed
         pa.field(MODEL, pa.string()),

