@@ -34,14 +34,16 @@ def _tokenizer(tokenizer_json: str) -> tokenizers.Tokenizer:
 def error_row(file_id: str, audio: str, model_name: str, fingerprint: str, error: str) -> dict[str, Any]:
     """The output row of a file that failed: `error` is "<kind>: <reason>"."""
     return {
-        schema.ID: file_id, schema.AUDIO: audio, schema.TEXT: None, schema.SEGMENTS: None, schema.LANGUAGE: None,
-        schema.LANGUAGE_PROBABILITY: None, schema.DURATION_S: None, schema.NUM_CHUNKS: 0, schema.MODEL: model_name, schema.FINGERPRINT: fingerprint,
+        schema.ID: file_id, schema.AUDIO: audio, schema.TEXT: None, schema.SEGMENTS: None, schema.WORDS: None,
+        schema.LANGUAGE: None, schema.LANGUAGE_PROBABILITY: None, schema.DURATION_S: None, schema.NUM_CHUNKS: 0, schema.MODEL: model_name, schema.FINGERPRINT: fingerprint,
         schema.STATUS: schema.STATUS_ERROR, schema.ERROR: error,
     }
 
 
-def file_row(batch: dict[str, Any], tokenizer_json: str, model_name: str, fingerprint: str) -> dict[str, Any]:
-    """One file's token rows (columns of equal length, any order) -> its output row."""
+def file_row(batch: dict[str, Any], tokenizer_json: str, model_name: str, fingerprint: str,
+             word_timestamps: bool = False) -> dict[str, Any]:
+    """One file's token rows (columns of equal length, any order) -> its output row (with its `words` when
+    `word_timestamps`)."""
     n = len(batch[schema.ID])
     file_id, audio = str(batch[schema.ID][0]), str(batch[schema.AUDIO][0])
     order = np.argsort(batch[schema.CHUNK_INDEX], kind="stable")
@@ -58,6 +60,7 @@ def file_row(batch: dict[str, Any], tokenizer_json: str, model_name: str, finger
             int(batch[schema.STRIDE_LEFT][i]), int(batch[schema.STRIDE_RIGHT][i]),
             zip(batch[schema.SEG_START][i], batch[schema.SEG_END][i], batch[schema.SEG_TOKENS][i]),
             batch[schema.LANGUAGE][i] if _present(batch[schema.LANGUAGE][i]) else None,
+            batch[schema.SEG_WORDS][i],
         )
         for i in order
     ]
@@ -70,6 +73,8 @@ def file_row(batch: dict[str, Any], tokenizer_json: str, model_name: str, finger
     return {
         schema.ID: file_id, schema.AUDIO: audio, schema.TEXT: text,
         schema.SEGMENTS: [{"start": s.start, "end": s.end, "text": s.text, "language": s.language} for s in segments],
+        schema.WORDS: [{"word": w.word, "start": w.start, "end": w.end, "probability": round(w.probability, 4)}
+                       for s in segments for w in s.words] if word_timestamps else None,
         schema.LANGUAGE: language,
         schema.LANGUAGE_PROBABILITY: round(sum(probs) / len(probs), 4) if probs else None,
         schema.DURATION_S: round(max(int(x) for x in batch[schema.END]) / SAMPLE_RATE, 3),
@@ -82,7 +87,9 @@ class Assembler:
     """map_batches callable for a pool of one actor: token rows in; output rows out (no `writer`), or, with a
     `writer`, the completed files written as a part and one receipt per file out (schema.RECEIPT_SCHEMA)."""
 
-    def __init__(self, tokenizer_json: str, model_name: str, fingerprint: str, writer: PartWriter | None = None):
+    def __init__(self, tokenizer_json: str, model_name: str, fingerprint: str, writer: PartWriter | None = None,
+                 word_timestamps: bool = False):
+        self.word_timestamps = word_timestamps
         self.tokenizer_json = tokenizer_json
         self.model_name = model_name
         self.fingerprint = fingerprint
@@ -103,7 +110,7 @@ class Assembler:
     def _merge(self, file_id: str) -> dict[str, Any]:
         chunks = list(self.pending.pop(file_id).values())
         columns = {name: [c[name] for c in chunks] for name in schema.ASSEMBLE_INPUT}
-        return file_row(columns, self.tokenizer_json, self.model_name, self.fingerprint)
+        return file_row(columns, self.tokenizer_json, self.model_name, self.fingerprint, self.word_timestamps)
 
     def _write(self, rows: list[dict[str, Any]]) -> pa.Table:
         part, failed = None, None

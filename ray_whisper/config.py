@@ -78,6 +78,10 @@ class DecodingOptions(_Group):
         True, "Decode with Whisper's timestamp tokens: timed segments and far fewer dropped words. "
         "--no-timestamps is faster but gives one segment per chunk.",
     )
+    word_timestamps: bool = _opt(
+        False, "Time every word (a 'words' column; segments start and end with their words): the model's "
+        "alignment heads' cross-attention, aligned by dynamic time warping.",
+    )
     beam_size: int = _opt(1, "1 = greedy decoding; above 1, beam search with that many beams (slower).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _opt(
         "auto", "Model precision. auto: float16 on GPU, float32 on CPU."

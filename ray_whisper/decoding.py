@@ -126,8 +126,14 @@ class Decoder:
                                            dtype=torch.long, device=self.device)
         self.rules = TimestampRules(tokens, vocab, self.device) if options.timestamps else None
 
+    def encode(self, feats: np.ndarray) -> torch.Tensor:
+        """The encoder's output for (chunks, n_mels, 3000) features, to decode (and align) without encoding again."""
+        with torch.inference_mode():
+            return self.net.encode(torch.from_numpy(feats).to(self.device, next(self.net.parameters()).dtype))
+
     def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
-                 temperature: float = 0.0, seeds: list[int] | None = None) -> list[Decoded]:
+                 temperature: float = 0.0, seeds: list[int] | None = None,
+                 encoded: torch.Tensor | None = None) -> list[Decoded]:
         """Decode (chunks, n_mels, 3000) features. Per chunk: its language (a code; None: detect it, English for
         English-only models; or the index of another chunk of the batch whose detected language it takes: a
         file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
@@ -135,17 +141,15 @@ class Decoder:
         token), the seed that makes its sample repeatable."""
         net = self.net
         beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
-        dtype = next(net.parameters()).dtype
+        encoded = self.encode(feats) if encoded is None else encoded
         with torch.inference_mode():
-            x = torch.from_numpy(feats).to(self.device, dtype, non_blocking=True)
-            chunks = x.shape[0]
+            chunks = encoded.shape[0]
             prefixes = [self._prefix(p) for p in (prompts or [None] * chunks)]
             width = max(len(p) for p in prefixes)
             padded = [[self.t.eot] * (width - len(p)) + p for p in prefixes for _ in range(beams)]
             offsets = torch.tensor([width - len(p) for p in prefixes for _ in range(beams)], device=self.device)
             rest_len = len(self.t.prompt(None, self.opt.task, self.opt.timestamps)) - 1
-            cache = net.new_cache(net.encode(x), width + rest_len + self.opt.max_new_tokens, group=beams,
-                                  offsets=offsets)
+            cache = net.new_cache(encoded, width + rest_len + self.opt.max_new_tokens, group=beams, offsets=offsets)
             # every row ends at its start-of-transcript, whose logits give the no-speech and language probabilities
             logits = net.decode(torch.tensor(padded, device=self.device), cache)
             no_speech = logits[::beams].softmax(-1)[:, self.t.no_speech].tolist()

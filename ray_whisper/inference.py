@@ -21,6 +21,7 @@ import torch
 from . import features, network, schema
 from .config import DecodingOptions
 from .constants import SAMPLE_RATE
+from .alignment import WordAligner
 from .decoding import Decoder
 from .errors import MODEL_ERROR, row_error
 from .model import local_model_dir, model_files
@@ -53,6 +54,14 @@ class Transcriber:
         self.net = network.load(local_model_dir(model_path, options.revision), self.device, dtype)
         self.n_mels = self.net.dims.n_mels
         self.decoder = Decoder(self.net, self.tokens, options)
+        self.aligner = None
+        if options.word_timestamps:
+            dims = self.net.dims  # without heads in the checkpoint: every head of the decoder's second half
+            heads = generation.get("alignment_heads") or [
+                [layer, head] for layer in range(dims.decoder_layers // 2, dims.decoder_layers)
+                for head in range(dims.decoder_heads)
+            ]
+            self.aligner = WordAligner(self.net, self.tokens, heads, options.task, self._text)
         self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
@@ -65,7 +74,7 @@ class Transcriber:
                      for lang in languages]
         texts = prompts or [None] * len(durations)
         prompt_ids = [self._prompt_ids(text or self.options.initial_prompt) for text in texts]
-        return transcribe_chunks(self.decoder, feats, requested, durations, self._text, prompt_ids, seeds)
+        return transcribe_chunks(self.decoder, feats, requested, durations, self._text, prompt_ids, seeds, self.aligner)
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -170,7 +179,16 @@ def _token_rows(batch: dict[str, np.ndarray], results: dict[int, ChunkTranscript
         schema.NO_SPEECH_PROB: np.array([r.no_speech_prob for r in rows]),
         schema.AVG_LOGPROB: np.array([r.avg_logprob for r in rows]),
         schema.LANGUAGE_PROB: np.array([r.language_prob for r in rows]),
+        schema.SEG_WORDS: [_word_lists(r) for r in rows],
     }
+
+
+def _word_lists(result: ChunkTranscript) -> list[list[dict[str, Any]]]:
+    """Per segment, its words (chunk-relative times); empty lists without word timestamps."""
+    if result.words is None:
+        return [[] for _ in result.segments]
+    return [[{"word": w.word, "start": w.start, "end": w.end, "probability": w.probability, "tokens": w.tokens}
+             for w in words] for words in result.words]
 
 
 def _is_text(value: Any) -> bool:

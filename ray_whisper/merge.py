@@ -18,11 +18,30 @@ MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
 
 
 @dataclass(frozen=True)
+class TimedWord:
+    word: str
+    start: float  # seconds
+    end: float
+    probability: float
+    tokens: int  # how many of its segment's tokens it spans
+
+
+@dataclass(frozen=True)
 class TokenSegment:
     start: float  # seconds
     end: float
     tokens: tuple[int, ...]
     language: str | None = None  # the language its chunk was decoded in
+    words: tuple[TimedWord, ...] = ()  # with word timestamps: its words, covering its tokens in order
+
+    def trimmed(self, first: int, last: int) -> TokenSegment:
+        """The segment's tokens[first:last], with the words that lie wholly inside them."""
+        kept, at = [], 0
+        for w in self.words:
+            if first <= at and at + w.tokens <= last:
+                kept.append(w)
+            at += w.tokens
+        return TokenSegment(self.start, self.end, self.tokens[first:last], self.language, tuple(kept))
 
 
 @dataclass(frozen=True)
@@ -38,10 +57,18 @@ class ChunkResult:
 
     @classmethod
     def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments,
-                     language: str | None = None) -> "ChunkResult":
-        """From chunk geometry in samples at 16 kHz and (start_s, end_s, token ids) segments."""
+                     language: str | None = None, words=None) -> "ChunkResult":
+        """From chunk geometry in samples at 16 kHz, (start_s, end_s, token ids) segments and, per segment, its
+        words as dicts (word, start, end, probability, tokens)."""
         sr = SAMPLE_RATE
-        segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks), language) for a, b, toks in segments)
+        segments = list(segments)
+        words = list(words) if words is not None else [[] for _ in segments]
+        segs = tuple(
+            TokenSegment(float(a), float(b), tuple(int(t) for t in toks), language,
+                         tuple(TimedWord(str(w["word"]), float(w["start"]), float(w["end"]), float(w["probability"]),
+                                         int(w["tokens"])) for w in ws))
+            for (a, b, toks), ws in zip(segments, words)
+        )
         return cls(int(index), start / sr, end / sr, stride_left / sr, stride_right / sr, segs)
 
 
@@ -53,6 +80,7 @@ class Segment:
     end: float
     text: str
     language: str | None = None
+    words: tuple[TimedWord, ...] = ()
 
 
 @dataclass
@@ -74,7 +102,9 @@ def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
         n = len(seg.tokens)
         for k, t in enumerate(seg.tokens):
             tokens.append(_Token(start + (end - start) * (k + 0.5) / n, t, len(segs)))
-        segs.append(TokenSegment(start, end, tuple(seg.tokens), seg.language))
+        words = tuple(TimedWord(w.word, _clip(chunk.start + w.start, chunk), _clip(chunk.start + w.end, chunk),
+                                w.probability, w.tokens) for w in seg.words)
+        segs.append(TokenSegment(start, end, tuple(seg.tokens), seg.language, words))
     return tokens, segs
 
 
@@ -132,9 +162,10 @@ def _cut_segments(segs: list[TokenSegment], tokens: list[_Token], lo: int, hi: i
     """The segments holding tokens[lo:hi], each trimmed to the tokens inside that range."""
     out: list[TokenSegment] = []
     for s_idx, seg in enumerate(segs):
-        kept = tuple(t.token for t in tokens[lo:hi] if t.seg == s_idx)
+        before = sum(1 for t in tokens[:lo] if t.seg == s_idx)
+        kept = sum(1 for t in tokens[lo:hi] if t.seg == s_idx)
         if kept:
-            out.append(TokenSegment(seg.start, seg.end, kept, seg.language))
+            out.append(seg.trimmed(before, before + kept))
     return out
 
 
@@ -162,7 +193,8 @@ def merge_chunks(chunks: Sequence[ChunkResult]) -> list[TokenSegment]:
             tail = _cut_segments(segs, tokens, resume, len(tokens))
             if head and tail and _splits_a_segment(left_tokens, keep, tokens, resume):
                 # the splice fell inside a segment on either side: join the two halves into one segment
-                joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens, head[-1].language)
+                joined = TokenSegment(head[-1].start, tail[0].end, head[-1].tokens + tail[0].tokens, head[-1].language,
+                                      head[-1].words + tail[0].words)
                 head, tail = head[:-1] + [joined], tail[1:]
             merged = final + head + tail
         prev = chunk
@@ -182,9 +214,15 @@ def _monotonic(segs: list[TokenSegment]) -> list[TokenSegment]:
     for s in segs:
         start = max(s.start, last_end)
         end = max(s.end, start)
-        out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens, s.language))
+        words = tuple(TimedWord(w.word, round(min(max(w.start, start), end), 3), round(min(max(w.end, start), end), 3),
+                                w.probability, w.tokens) for w in s.words)
+        out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens, s.language, words))
         last_end = end
     return out
+
+
+def _clip(t: float, chunk: ChunkResult) -> float:
+    return min(max(t, chunk.start), chunk.end)
 
 
 def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]) -> tuple[str, list[Segment]]:
@@ -195,5 +233,5 @@ def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]
         text = decode(s.tokens)
         if text.strip():
             pieces.append(text)
-            out.append(Segment(s.start, s.end, text.strip(), s.language))
+            out.append(Segment(s.start, s.end, text.strip(), s.language, s.words))
     return " ".join(" ".join(pieces).split()), out

@@ -100,6 +100,14 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(rows, t, -1))
 
 
+    def weights(self, q_in: torch.Tensor, k: torch.Tensor, heads: list[int]) -> torch.Tensor:
+        """The attention probabilities of some heads, (batch, len(heads), t, keys): what `attend` computes
+        inside scaled_dot_product_attention, made explicit where the weights themselves are wanted."""
+        q = self.split(self.q_proj(q_in))[:, heads]
+        scale = q.shape[-1] ** -0.5
+        return (q @ k[:, heads].transpose(-1, -2) * scale).float().softmax(-1)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, heads: int, ffn: int):
         super().__init__()
@@ -195,25 +203,35 @@ class Whisper(nn.Module):
         cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoded)) for layer in dec.layers]
         return DecoderCache(self_kv, cross_kv, group, offsets)
 
-    def decode(self, tokens: torch.Tensor, cache: DecoderCache, every_position: bool = False) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: DecoderCache, every_position: bool = False,
+               attention_heads: list[tuple[int, int]] | None = None) -> Any:
         """Feed (batch, n) tokens after those already in `cache` and advance it by n; returns float32 logits
-        of the last position, (batch, vocab), or of every position, (batch, n, vocab)."""
+        of the last position, (batch, vocab), or of every position, (batch, n, vocab). With `attention_heads`
+        ((layer, head) pairs) also the cross-attention weights of those heads: (logits, (batch, heads, n, 1500))."""
         dec = self.model.decoder
         start, n = cache.length, tokens.shape[1]
         end = start + n
         if end > cache.capacity:
             raise ValueError(f"decoder cache holds {cache.capacity} tokens; asked for {end}")
         x, mask = self._embed(tokens, cache)
-        for layer, (k_cache, v_cache), (k_cross, v_cross) in zip(dec.layers, cache.self_kv, cache.cross_kv):
+        weights: dict[tuple[int, int], torch.Tensor] = {}
+        for index, (layer, (k_cache, v_cache), (k_cross, v_cross)) in enumerate(zip(dec.layers, cache.self_kv, cache.cross_kv)):
             h = layer.self_attn_layer_norm(x)
             k, v = layer.self_attn.keys_values(h)
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask)
-            x = x + layer.encoder_attn.attend(layer.encoder_attn_layer_norm(x), k_cross, v_cross, group=cache.group)
+            h = layer.encoder_attn_layer_norm(x)
+            heads = [hd for ly, hd in attention_heads or () if ly == index]
+            if heads:
+                weights.update(zip([(index, hd) for hd in heads], layer.encoder_attn.weights(h, k_cross, heads).unbind(1)))
+            x = x + layer.encoder_attn.attend(h, k_cross, v_cross, group=cache.group)
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         cache.length = end
-        return self.vocabulary_logits(dec.layer_norm(x if every_position else x[:, -1])).float()
+        logits = self.vocabulary_logits(dec.layer_norm(x if every_position else x[:, -1])).float()
+        if attention_heads is None:
+            return logits
+        return logits, torch.stack([weights[pair] for pair in attention_heads], dim=1)
 
     def _embed(self, tokens: torch.Tensor, cache: DecoderCache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token and position embeddings of (rows, n) new tokens, and the self-attention mask they need.

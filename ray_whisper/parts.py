@@ -22,7 +22,7 @@ from .config import StorageOptions
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".rw-tmp-"  # a part being written (local disks); a run removes those its killed predecessors left
 META_KEY = b"ray_whisper"
-SCHEMA_VERSION = 3  # 1: parts without a mark; 2: the mark, and `fingerprint`; 3: languages per file and segment
+SCHEMA_VERSION = 4  # 1: no mark; 2: the mark, `fingerprint`; 3: languages per file and segment; 4: `words`
 
 
 def part_name(run_id: str, kind: str = "") -> str:

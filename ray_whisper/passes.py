@@ -16,9 +16,11 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from .alignment import Word, WordAligner
 from .config import DecodingOptions
 from .constants import FRAMES_PER_S
 from .decoding import Decoded, Decoder
@@ -37,17 +39,29 @@ class ChunkTranscript:
     avg_logprob: float
     temperature: float = 0.0
     language_prob: float = float("nan")  # of `language`, where it was detected
+    words: list[list[Word]] | None = None  # per segment, with word timestamps on
 
 
 def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None], durations: list[float],
                       text_of: Callable[[list[int]], str], prompts: list[list[int]] | None = None,
-                      seeds: list[int] | None = None) -> list[ChunkTranscript]:
-    """Decode chunks into timed segments under the three rules above. `text_of` turns token ids into text
-    (for the compression ratio); `prompts` and `seeds` are per chunk, as Decoder takes them."""
+                      seeds: list[int] | None = None, aligner: WordAligner | None = None) -> list[ChunkTranscript]:
+    """Decode chunks into timed segments under the three rules above, and with an `aligner` time their
+    words. `text_of` turns token ids into text (for the compression ratio); `prompts` and `seeds` are per
+    chunk, as Decoder takes them."""
     opt = decoder.opt
     n = len(durations)
     prompts, seeds = prompts or [None] * n, seeds or list(range(n))
-    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of)
+    encoded = decoder.encode(feats)
+    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded)
+    out = _seek(decoder, feats, durations, decoded, prompts, seeds, text_of)
+    if aligner is not None:
+        _add_words(aligner, encoded, out, durations)
+    return out
+
+
+def _seek(decoder: Decoder, feats: np.ndarray, durations: list[float], decoded: list[Decoded], prompts: list,
+          seeds: list[int], text_of: Callable[[list[int]], str]) -> list[ChunkTranscript]:
+    opt = decoder.opt
     out = [_transcript(decoder, d, duration) for d, duration in zip(decoded, durations)]
     if not opt.timestamps:
         return out
@@ -83,20 +97,38 @@ def _failed(d: Decoded, opt: DecodingOptions, text_of: Callable[[list[int]], str
     return compression_ratio(text_of(d.tokens)) > opt.compression_ratio_threshold or d.avg_logprob < opt.logprob_threshold
 
 
+def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], durations: list[float]) -> None:
+    """Time the words of every chunk with text, in one pass; segments then start and end with their words."""
+    rows = [i for i, c in enumerate(out) if c.segments]
+    if not rows:
+        return
+    texts = [[t for _, _, tokens in out[i].segments for t in tokens] for i in rows]
+    timed = aligner(encoded[rows], texts, [out[i].language for i in rows], [durations[i] for i in rows])
+    for i, words in zip(rows, timed):
+        chunk = out[i]
+        firsts = np.cumsum([0] + [w.tokens for w in words])[:-1]  # each word's first token in the chunk's text
+        chunk.words, at = [], 0
+        for start, end, tokens in chunk.segments:  # a word goes to the segment its first token is in
+            chunk.words.append([w for w, first in zip(words, firsts) if at <= first < at + len(tokens)])
+            at += len(tokens)
+        chunk.segments = [(ws[0].start, ws[-1].end, tokens) if ws else (start, end, tokens)
+                          for (start, end, tokens), ws in zip(chunk.segments, chunk.words)]
+
+
 def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | None], prompts: list, seeds: list[int],
-                   text_of: Callable[[list[int]], str]) -> list[Decoded]:
+                   text_of: Callable[[list[int]], str], encoded: Any = None) -> list[Decoded]:
     """Decode at the first temperature; decode the chunks that fail again at each next one, together. A chunk
     that fails at every temperature keeps its best attempt: the likeliest among those that do not loop."""
     opt = decoder.opt
     temperatures = opt.temperature_steps
-    results = decoder(feats, languages, prompts, temperatures[0], seeds)
+    results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded)
     attempts = [[r] for r in results]
     for temperature in temperatures[1:]:
         redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of)]
         if not redo:
             break
         again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
-                        [seeds[i] for i in redo])
+                        [seeds[i] for i in redo], None if encoded is None else encoded[redo])
         for i, r in zip(redo, again):
             if math.isnan(r.language_prob):  # decoded in the language detected the first time: keep its probability
                 r.language_prob = results[i].language_prob

@@ -138,6 +138,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             fn_constructor_kwargs={
                 "tokenizer_json": prepared.tokenizer_json, "model_name": options.decoding.model,
                 "fingerprint": options.fingerprint(), "writer": writer,
+                "word_timestamps": options.decoding.word_timestamps,
             },
             # the files completed by this many model batches are written together: fewer, larger parts, and
             # what a killed run can lose beyond the files still being decoded (README: failure semantics)

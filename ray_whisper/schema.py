@@ -68,11 +68,12 @@ SEG_TOKENS = "seg_tokens"
 NO_SPEECH_PROB = "no_speech_prob"
 AVG_LOGPROB = "avg_logprob"
 LANGUAGE_PROB = "language_prob"  # of the language the chunk was decoded in, when it was detected
+SEG_WORDS = "seg_words"  # per segment, its timed words (word, start, end, probability, tokens); [] without
 TOKEN_COLUMNS = tuple(n for n in CHUNK_SCHEMA.names if n not in (FEATURES, DETECT_FEATURES)) + (
-    SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB, LANGUAGE_PROB,
+    SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB, LANGUAGE_PROB, SEG_WORDS,
 )
 ASSEMBLE_INPUT = (ID, AUDIO, LANGUAGE, CHUNK_INDEX, IS_LAST, START, END, STRIDE_LEFT, STRIDE_RIGHT, ERROR, WARNING,
-                  SEG_START, SEG_END, SEG_TOKENS, LANGUAGE_PROB)
+                  SEG_START, SEG_END, SEG_TOKENS, LANGUAGE_PROB, SEG_WORDS)
 
 # output rows: exactly one per manifest row
 TEXT = "text"
@@ -83,6 +84,9 @@ MODEL = "model"
 FINGERPRINT = "fingerprint"
 STATUS = "status"
 LANGUAGE_PROBABILITY = "language_probability"
+WORDS = "words"
+WORD_TYPE = pa.struct([("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                       ("probability", pa.float64())])
 SEGMENT_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
                           ("language", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
@@ -91,6 +95,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(AUDIO, pa.string(), nullable=False),  # as listed (relative paths resolved), secrets redacted
         pa.field(TEXT, pa.string()),  # whole transcript; "" for silence, null on error
         pa.field(SEGMENTS, pa.list_(SEGMENT_TYPE)),  # seconds from the start of the file
+        pa.field(WORDS, pa.list_(WORD_TYPE)),  # with --word-timestamps: every word, in the order spoken; else null
         pa.field(LANGUAGE, pa.string()),  # requested, or detected (once per file, or most chunks' vote)
         pa.field(LANGUAGE_PROBABILITY, pa.float64()),  # the detection's probability of it; null when requested
         pa.field(DURATION_S, pa.float64()),  # decoded audio length

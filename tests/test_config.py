@@ -23,6 +23,8 @@ NON_DEFAULT = {
     "language": "de",
     "task": "translate",
     "timestamps": False,
+    "word_timestamps": True,
+    "language_per_chunk": True,
     "beam_size": 4,
     "dtype": "float16",
     "no_speech_threshold": 0.5,
