@@ -1,12 +1,15 @@
-"""`ray-whisper transcribe | export`: the argparse front end, its flags generated from config.py."""
+"""`ray-whisper transcribe | export | serve`: the argparse front end, its flags generated from config.py."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from . import config
+from .cluster import connect
 from .errors import Interrupted, RayWhisperError, redact
 
 TRANSCRIBE = """\
@@ -23,11 +26,48 @@ Exit status: 0 every row ok, 1 some rows are errors (see their 'error' column), 
 or write its output, 130 interrupted (what finished is kept: the same command resumes).
 """
 
+SERVE = """\
+Serve the model online on Ray Serve (the cluster in RAY_ADDRESS, else a local Ray), compatible with OpenAI's
+audio API: POST /v1/audio/transcriptions and /v1/audio/translations (multipart: file, model, language,
+prompt, response_format json|text|srt|vtt|verbose_json, temperature, timestamp_granularities[]), GET /health.
+Chunks of concurrent requests share the model's batches. Ctrl-C stops the endpoint.
+"""
+
 EXPORT = """\
 Write one file per ok row of the run in OUTPUT_DIR and per format: DEST/<id>.srt, DEST/<id>.vtt, ...
 (an id with '/' in it becomes sub-folders). OUTPUT_DIR and DEST may be local paths or URLs. Subtitle cues
 have at most 2 lines of at most 42 characters, cut at word boundaries.
 """
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[type, ...] = tuple(config.GROUPS.values())) -> None:
+    """One flag per option of these option classes, in argparse groups, with the field's help text."""
+    for cls in groups:
+        section = parser.add_argument_group(cls.title)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            section.add_argument(config.flag(f.name), **_argument(f, hints[f.name]))
+
+
+def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    if hint is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif get_origin(hint) is Literal:
+        kwargs["choices"] = get_args(hint)
+    else:
+        base = [a for a in get_args(hint) if a is not type(None)] or [hint]
+        kwargs["type"] = base[0] if base[0] in (int, float) else str
+    if f.metadata.get("metavar"):
+        kwargs["metavar"] = f.metadata["metavar"]
+    help_text = f.metadata.get("help", "")
+    kwargs["help"] = f"{help_text} (default: {f.default})" if f.default is not None else help_text
+    return kwargs
+
+
+def from_namespace(ns: argparse.Namespace) -> config.TranscribeOptions:
+    """TranscribeOptions from the flags that `add_arguments` defined (unset flags keep the defaults)."""
+    return config.TranscribeOptions(**{k: v for k, v in vars(ns).items() if k in config.OWNER})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,12 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw)
     t.add_argument("manifest", metavar="MANIFEST", help="manifest file (.csv / .tsv / .jsonl / .parquet), folder/prefix ending in /, or quoted glob")
     t.add_argument("output", metavar="OUTPUT_DIR", help="directory or URL prefix (s3://bucket/out/) that receives the Parquet files")
-    config.add_arguments(t)
+    add_arguments(t)
     e = sub.add_parser("export", help="write subtitle and text files (srt, vtt, txt, json) from a run's table",
                        description=EXPORT, formatter_class=raw)
     e.add_argument("output", metavar="OUTPUT_DIR", help="the OUTPUT_DIR of a transcribe run")
     e.add_argument("dest", metavar="DEST", help="directory or URL prefix that receives the files")
-    config.add_arguments(e, (config.ExportOptions, config.StorageOptions))
+    add_arguments(e, (config.ExportOptions, config.StorageOptions))
+    v = sub.add_parser("serve", help="serve the model online: an OpenAI-compatible endpoint on Ray Serve",
+                       description=SERVE, formatter_class=raw)
+    add_arguments(v, (config.ServeOptions, config.DecodingOptions, config.ChunkOptions))
     return parser
 
 
@@ -56,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             return _export(args)
-        options = config.from_namespace(args)
+        if args.command == "serve":
+            return _serve(args)
+        options = from_namespace(args)
         _quiet_ray_logging()
         from .pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
 
@@ -81,10 +126,35 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export
 
-    picked = vars(args)
-    options = config.ExportOptions(**{k: v for k, v in picked.items() if k in config.field_names(config.ExportOptions)})
-    storage = config.StorageOptions(**{k: v for k, v in picked.items() if k in config.field_names(config.StorageOptions)})
-    print(export(args.output, args.dest, options, storage))
+    print(export(args.output, args.dest, _options(args, config.ExportOptions), _options(args, config.StorageOptions)))
+    return 0
+
+
+def _options(args: argparse.Namespace, cls: type) -> Any:
+    return cls(**{k: v for k, v in vars(args).items() if k in config.field_names(cls)})
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from .serve import build
+
+    decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
+    options = _options(args, config.ServeOptions)
+    _quiet_ray_logging()
+    connect()
+    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
+    print(f"serving {decoding.model} on http://{options.host}:{options.port}/v1/audio/transcriptions "
+          "(GET /health; Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        print("ray-whisper: the endpoint stopped", file=sys.stderr)
     return 0
 
 

@@ -3,12 +3,11 @@
 Each stage receives only its group (the model actors get DecodingOptions, the CPU stage the chunk geometry and
 StorageOptions, the resource planner ResourceOptions). `TranscribeOptions` holds one of each and takes the
 options flat as well (`TranscribeOptions(batch_size=8, beam_size=5)`). The CLI's flags and their `--help` are
-generated from the fields below, so help lives next to the field it describes.
+generated from the fields below (cli.add_arguments), so help lives next to the field it describes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -285,6 +284,37 @@ class ExportOptions(_Group):
         return tuple(dict.fromkeys(f.strip().lower() for f in self.format.split(",") if f.strip()))
 
 
+@dataclass(frozen=True)
+class ServeOptions(_Group):
+    """`ray-whisper serve`: the endpoint, its batching and its replicas."""
+
+    title: ClassVar[str] = "the endpoint"
+
+    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+    port: int = _opt(8000, "Port of the HTTP endpoint.")
+    max_upload_mb: float = _opt(25.0, "Largest upload accepted, in MB (larger: 413).")
+    max_batch_size: int = _opt(16, "Most chunks, from all requests in flight, decoded together.")
+    batch_wait_timeout_s: float = _opt(
+        0.05, "How long the first chunk of a batch waits for others to join it before the batch runs.",
+    )
+    min_replicas: int = _opt(1, "Fewest model replicas (autoscaling lower bound).")
+    max_replicas: int = _opt(1, "Most model replicas (autoscaling upper bound).")
+    gpus_per_replica: float | None = _opt(None, "GPUs per replica. Default: 1 when the cluster has GPUs, else 0.")
+    cpus_per_replica: float = _opt(1.0, "CPUs reserved by each replica.")
+    max_ongoing_requests: int = _opt(64, "Requests a replica holds at once (queued beyond that).")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.port < 65536, "--port must be a TCP port (1-65535)")
+        _check(self.max_upload_mb > 0, "--max-upload-mb must be > 0")
+        _check(self.max_batch_size >= 1, "--max-batch-size must be >= 1")
+        _check(0 <= self.batch_wait_timeout_s <= 10, "--batch-wait-timeout-s must be in [0, 10] seconds")
+        _check(1 <= self.min_replicas <= self.max_replicas,
+               f"--min-replicas ({self.min_replicas}) must be >= 1 and <= --max-replicas ({self.max_replicas})")
+        _check(self.gpus_per_replica is None or 0 <= self.gpus_per_replica <= 8, "--gpus-per-replica must be in [0, 8]")
+        _check(self.cpus_per_replica > 0, "--cpus-per-replica must be > 0")
+        _check(self.max_ongoing_requests >= 1, "--max-ongoing-requests must be >= 1")
+
+
 GROUPS: dict[str, type] = {
     "decoding": DecodingOptions, "chunks": ChunkOptions, "resources": ResourceOptions, "run": RunOptions,
     "storage": StorageOptions,
@@ -344,33 +374,3 @@ def field_names(cls: type) -> set[str]:
 def option_fields() -> list[dataclasses.Field]:
     """Every option's field, group by group, in the order --help lists them."""
     return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
-
-
-def add_arguments(parser: argparse.ArgumentParser, groups: tuple[type, ...] = tuple(GROUPS.values())) -> None:
-    """One flag per option of these option classes, in argparse groups, with the field's help text."""
-    for cls in groups:
-        section = parser.add_argument_group(cls.title)
-        hints = get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            section.add_argument(flag(f.name), **_argument(f, hints[f.name]))
-
-
-def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-    if hint is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction
-    elif get_origin(hint) is Literal:
-        kwargs["choices"] = get_args(hint)
-    else:
-        base = [a for a in get_args(hint) if a is not type(None)] or [hint]
-        kwargs["type"] = base[0] if base[0] in (int, float) else str
-    if f.metadata.get("metavar"):
-        kwargs["metavar"] = f.metadata["metavar"]
-    help_text = f.metadata.get("help", "")
-    kwargs["help"] = f"{help_text} (default: {f.default})" if f.default is not None else help_text
-    return kwargs
-
-
-def from_namespace(ns: argparse.Namespace) -> TranscribeOptions:
-    """TranscribeOptions from the flags that `add_arguments` defined (unset flags keep the defaults)."""
-    return TranscribeOptions(**{k: v for k, v in vars(ns).items() if k in OWNER})

@@ -7,6 +7,7 @@ It can be tried without a cluster: `Transcriber(...)(ds.take_batch(16))`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -53,17 +54,25 @@ class Transcriber:
         self.tokens = special_tokens(self.tokenizer.token_to_id, generation, int(config["vocab_size"]))
         self.net = network.load(local_model_dir(model_path, options.revision), self.device, dtype)
         self.n_mels = self.net.dims.n_mels
-        self.decoder = Decoder(self.net, self.tokens, options)
-        self.aligner = None
-        if options.word_timestamps:
-            dims = self.net.dims  # without heads in the checkpoint: every head of the decoder's second half
-            heads = generation.get("alignment_heads") or [
-                [layer, head] for layer in range(dims.decoder_layers // 2, dims.decoder_layers)
-                for head in range(dims.decoder_heads)
-            ]
-            self.aligner = WordAligner(self.net, self.tokens, heads, options.task, self._text)
+        dims = self.net.dims  # without heads in the checkpoint: every head of the decoder's second half
+        self.alignment_heads = generation.get("alignment_heads") or [
+            [layer, head] for layer in range(dims.decoder_layers // 2, dims.decoder_layers) for head in range(dims.decoder_heads)
+        ]
+        self._variants: dict[tuple, tuple[Decoder, WordAligner | None]] = {}
+        self.decoder, self.aligner = self.variant()
         self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
+
+    def variant(self, **changes: Any) -> tuple[Decoder, WordAligner | None]:
+        """A decoder (and word aligner, with word timestamps) for these decoding options changed, over the same
+        resident network: the endpoint decodes each request with its own task, temperatures and words."""
+        key = tuple(sorted(changes.items()))
+        if key not in self._variants:
+            options = dataclasses.replace(self.options, **changes)
+            aligner = WordAligner(self.net, self.tokens, self.alignment_heads, options.task, self._text) \
+                if options.word_timestamps else None
+            self._variants[key] = (Decoder(self.net, self.tokens, options), aligner)
+        return self._variants[key]
 
     def decode(self, feats: np.ndarray, languages: list[str | int | None], durations: list[float],
                prompts: list[str | None] | None = None, seeds: list[int] | None = None) -> list[ChunkTranscript]:
@@ -107,7 +116,7 @@ class Transcriber:
                 log.exception("model failed on a batch of %d chunks", len(todo))
                 for i in todo:
                     errors[i] = row_error(MODEL_ERROR, f"{type(e).__name__}: {e}")
-        return _token_rows(batch, results, errors)
+        return token_rows(batch, results, errors)
 
     def _file_languages(self, batch: dict[str, np.ndarray], todo: list[int]) -> tuple[list[str | int | None], dict[int, float]]:
         """Each chunk's language request: its row's, else its file's (detected once, on the file's detection
@@ -164,7 +173,8 @@ def chunk_seed(file_id: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{file_id}\0{index}".encode()).digest()[:4], "little")
 
 
-def _token_rows(batch: dict[str, np.ndarray], results: dict[int, ChunkTranscript], errors: list[Any]) -> dict[str, Any]:
+def token_rows(batch: dict[str, Any], results: dict[int, ChunkTranscript], errors: list[Any]) -> dict[str, Any]:
+    """Token rows (schema.TOKEN_COLUMNS): the batch's chunk rows with the segments decoded for them."""
     n = len(batch[schema.ID])
     empty = ChunkTranscript([], None, math.nan, math.nan)  # type: ignore[arg-type]
     rows = [results.get(i, empty) for i in range(n)]

@@ -144,3 +144,56 @@ def test_summary_counts_and_throughput(run):
     assert summary.audio_s > LONG_SECONDS and summary.rtfx > 0
     text = str(summary)
     assert "files ok: 5" in text and "real-time factor" in text
+
+
+@pytest.fixture(scope="module")
+def features_run(tmp_path_factory, ray_session, bundled_model):
+    """One CLI run with the transcript features on: word timings and a prompt in the manifest, then an export."""
+    from ray_whisper import cli
+
+    root = tmp_path_factory.mktemp("features")
+    manifest = root / "m.csv"
+    manifest.write_text(f"id,audio,prompt\njfk,{DATA / 'jfk.flac'},\nhot,{DATA / 'hotwords.mp3'},ComfyUI\n")
+    out = root / "out"
+    assert cli.main(["transcribe", str(manifest), str(out), "--word-timestamps"]) == 0
+    assert cli.main(["export", str(out), str(root / "subs"), "--format", "srt,json"]) == 0
+    from ray_whisper.output import read_results
+
+    return {r["id"]: r for r in read_results(str(out)).to_pylist()}, root / "subs"
+
+
+def test_word_timings_and_prompts_reach_the_output_through_ray(features_run):
+    import pysubs2
+
+    rows, subs = features_run
+    jfk, hot = rows["jfk"], rows["hot"]
+    assert len(jfk["words"]) == len(jfk["text"].split()) and jfk["words"][0]["start"] < 1.0
+    assert jfk["segments"][-1]["end"] == jfk["words"][-1]["end"]
+    assert "ComfyUI" in hot["text"]  # the manifest's prompt conditioned that file, and only that file
+    assert jfk["fingerprint"] == hot["fingerprint"]
+    events = pysubs2.load(str(subs / "jfk.srt")).events
+    assert events[0].start == round(jfk["words"][0]["start"] * 1000)  # cues start at their first word
+
+
+@pytest.fixture(scope="module")
+def multilingual_run(tmp_path_factory, ray_session, multilingual_model):
+    from ray_whisper import cli
+    from ray_whisper.output import read_results
+
+    root = tmp_path_factory.mktemp("multilingual")
+    manifest = root / "m.csv"
+    manifest.write_text(f"id,audio\nmit,{DATA / 'multilingual.mp3'}\n")
+    results = {}
+    for name, flags in {"per_file": [], "translate": ["--task", "translate"]}.items():  # per chunk: test_stages.py
+        out = root / name
+        assert cli.main(["transcribe", str(manifest), str(out), "--model", multilingual_model, *flags]) == 0
+        results[name] = read_results(str(out)).to_pylist()[0]
+    return results
+
+
+def test_a_multilingual_file_through_ray_in_its_language_and_translated(multilingual_run):
+    per_file, translated = multilingual_run["per_file"], multilingual_run["translate"]
+    assert per_file["language"] == "en" and {s["language"] for s in per_file["segments"]} == {"en"}
+    assert per_file["language_probability"] > 0.9
+    english = ev.normalize(translated["text"]).split()
+    assert "software" in english and not {"der", "und", "die"} & set(english)

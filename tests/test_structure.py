@@ -12,6 +12,7 @@ LEAVES = ("constants", "errors", "languages")
 DEFERRED = {
     ("cli", "pipeline"),  # 0.4 s of pyarrow, tokenizers and fsspec that --help and a bad flag do not need
     ("cli", "export"),  # the same for `ray-whisper export`
+    ("cli", "serve"),  # ... and for `ray-whisper serve` (Ray Serve, FastAPI)
     ("pipeline", "inference"),  # torch and the network, ~3 s: the driver never runs the model
 }
 

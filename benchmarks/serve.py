@@ -1,0 +1,159 @@
+"""The endpoint's batching, measured with the real `openai` client:
+
+    python benchmarks/serve.py                      # 16 short clips (2-10 s of real speech)
+    python benchmarks/serve.py --files 32 --batch-wait-timeout-s 0.2
+
+1. the ceiling that batching allows on this machine: the model alone, in this process, decoding the clips as
+   one batch against one batch per clip (the same decoder the replicas run);
+2. the endpoint (a local Ray, one replica): the clips sent one at a time, then all at once; throughput,
+   p50/p95 latency, and the mean batch size the replica formed (from GET /health).
+
+Target: concurrent / sequential throughput at least 0.9 of the ceiling's ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
+
+
+def clips(n: int, folder: Path) -> list[Path]:
+    """n WAV files of 2 to 10 s cut from the test recordings at seeded places."""
+    sources = [decode_all((ROOT / "tests/data" / name).read_bytes()) for name in ("jfk.flac", "multilingual.mp3")]
+    sources[1] = sources[1][: 29 * SAMPLE_RATE]  # English only
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        src = sources[i % 2]
+        length = int(rng.uniform(2, 10) * SAMPLE_RATE)
+        start = int(rng.integers(0, max(1, src.size - length)))
+        path = folder / f"clip{i:03}.wav"
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(SAMPLE_RATE)
+            w.writeframes((np.clip(src[start : start + length], -1, 1) * 32767).astype("<i2").tobytes())
+        paths.append(path)
+    return paths
+
+
+def ceiling(paths: list[Path], threads: int) -> dict:
+    from ray_whisper import features
+    from ray_whisper.config import DecodingOptions
+    from ray_whisper.inference import Transcriber
+    from ray_whisper.model import bundled_model_dir
+
+    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
+    audio = [decode_all(p.read_bytes()) for p in paths]
+    feats = features.log_mel(audio, tr.n_mels)
+    durations = [a.size / SAMPLE_RATE for a in audio]
+    tr.decode(feats[:2], [None] * 2, durations[:2])  # warm up
+    started = time.perf_counter()
+    for i in range(len(paths)):
+        tr.decode(feats[i : i + 1], [None], durations[i : i + 1])
+    one_by_one = time.perf_counter() - started
+    started = time.perf_counter()
+    tr.decode(feats, [None] * len(paths), durations)
+    together = time.perf_counter() - started
+    return {"one_at_a_time_s": one_by_one, "one_batch_s": together, "ratio": one_by_one / together}
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def endpoint(paths: list[Path], wait_s: float, max_batch: int) -> dict:
+    from openai import OpenAI
+    from ray import serve
+
+    from ray_whisper.cluster import connect
+    from ray_whisper.config import ChunkOptions, DecodingOptions, ServeOptions
+    from ray_whisper.serve import build
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    connect()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = ServeOptions(port=port, max_batch_size=max_batch, batch_wait_timeout_s=wait_s)
+    serve.run(build(DecodingOptions(), ChunkOptions(), options), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+
+    def send(path: Path, latencies: list[float]) -> None:
+        started = time.perf_counter()
+        with path.open("rb") as f:
+            client.audio.transcriptions.create(model="whisper-1", file=f)
+        latencies.append(time.perf_counter() - started)
+
+    send(paths[0], [])  # warm up
+    result = {}
+    for mode in ("sequential", "concurrent"):
+        latencies: list[float] = []
+        before = health(url)
+        started = time.perf_counter()
+        if mode == "sequential":
+            for p in paths:
+                send(p, latencies)
+        else:
+            workers = [threading.Thread(target=send, args=(p, latencies)) for p in paths]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        wall = time.perf_counter() - started
+        after = health(url)
+        batches, chunks = after["batches"] - before["batches"], after["chunks"] - before["chunks"]
+        print(f"{mode}: batch sizes {after['recent_batch_sizes'][-batches:] if batches else []}", flush=True)
+        result[mode] = {"wall_s": wall, "files_per_s": len(paths) / wall, "p50_s": float(np.percentile(latencies, 50)),
+                        "p95_s": float(np.percentile(latencies, 95)), "mean_batch_size": chunks / max(batches, 1)}
+    serve.shutdown()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process ceiling")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = clips(args.files, Path(tmp))
+        limit = ceiling(paths, args.threads)
+        print(f"ceiling (model alone, {args.files} clips): {limit['one_at_a_time_s']:.1f} s one at a time, "
+              f"{limit['one_batch_s']:.1f} s as one batch: {limit['ratio']:.2f}x", flush=True)
+        served = endpoint(paths, args.batch_wait_timeout_s, args.max_batch_size)
+    for mode, r in served.items():
+        print(f"{mode:>10}: {r['files_per_s']:.2f} files/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
+              f"mean batch {r['mean_batch_size']:.1f}")
+    gain = served["concurrent"]["files_per_s"] / served["sequential"]["files_per_s"]
+    share = gain / limit["ratio"]
+    print(f"concurrent / sequential: {gain:.2f}x, {share:.2f} of the ceiling's {limit['ratio']:.2f}x (target 0.9)")
+    result = {"ceiling": limit, **served, "gain": gain, "share_of_ceiling": share,
+              "batch_wait_timeout_s": args.batch_wait_timeout_s, "files": args.files}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
