@@ -75,3 +75,47 @@ def test_torch_is_the_same_release_everywhere():
     wanted = f"torch=={pins['torch']}"
     for where, text in (("README.md", quickstart()[0]), (".ci/run", CI), ("tools/refresh-constraints", refresh)):
         assert wanted in text, f"{where} does not install {wanted}"
+
+
+def test_every_package_the_code_imports_comes_with_a_plain_install():
+    """A module of ray_whisper/ that imports a package only the test extra brings breaks for a user who ran
+    `pip install ray-whisper` (the export once wrote SRT with a test-only package): every third-party import
+    must be a main dependency or something one of them requires."""
+    import ast
+    import importlib.metadata as md
+    import sys
+
+    from packaging.markers import Marker
+
+    def requirements(req: Requirement) -> list[Requirement]:
+        out = []
+        for text in md.requires(req.name) or []:
+            sub = Requirement(text)
+            marker = sub.marker or Marker("python_version >= '0'")
+            if any(marker.evaluate({"extra": e}) for e in (*req.extras, "")):
+                out.append(sub)
+        return out
+
+    brought, todo = set(), list(declared())
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), tuple(sorted(req.extras)))
+        if key in brought:
+            continue
+        brought.add(key)
+        todo += requirements(req)
+    names = {name for name, _ in brought}
+    providers = md.packages_distributions()
+    for path in sorted((ROOT / "ray_whisper").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                modules = [node.module]
+            else:
+                continue
+            for top in {m.split(".")[0] for m in modules}:
+                if top in sys.stdlib_module_names or top == "ray_whisper":
+                    continue
+                dists = {canonicalize_name(d) for d in providers.get(top, [])}
+                assert dists & names, f"{path.name} imports {top} ({dists or 'not installed'}), which no main dependency brings"
