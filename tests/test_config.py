@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 import time
@@ -311,3 +312,23 @@ def test_each_stage_gets_only_its_group():
     assert "overwrite" not in {f.name for f in dataclasses.fields(DecodingOptions)}
     with pytest.raises(ConfigError, match="unknown option.*bogus"):
         TranscribeOptions(bogus=1)
+
+
+@pytest.mark.parametrize("args, named", [
+    ({"max_batch_size": "8", "batch_size": "4"}, "batch_size"),  # a transcribe-only option is refused, not ignored
+    ({"bogus-flag": "1"}, "bogus_flag"),
+    ({"max_batch_size": "eight"}, "max_batch_size='eight'"),
+    ({"max_batch_size": "0"}, "--max-batch-size"),
+])
+def test_serve_run_arguments_fail_clearly_before_any_replica(args, named):
+    from ray_whisper.serve import app
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        app(args)
+
+
+def test_language_per_window_is_the_same_option_as_language_per_chunk():
+    """The issue that asked for it called chunks windows; both names set the one field."""
+    for flag, expected in (("--language-per-window", True), ("--language-per-chunk", True), ("--no-language-per-window", False)):
+        args = cli.build_parser().parse_args(["transcribe", "m.csv", "out", flag])
+        assert from_namespace(args).decoding.language_per_chunk is expected, flag

@@ -44,14 +44,17 @@ def health(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_session, bundled_model):
+    """The app as `serve run ray_whisper.serve:app max_upload_mb=4 ...` builds it: the import path and text
+    arguments through Serve's own builder call."""
     from ray import serve
-
-    from ray_whisper.serve import build
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServeOptions(port=port, max_upload_mb=LIMIT_MB, max_batch_size=8, batch_wait_timeout_s=0.2)
-    serve.run(build(DecodingOptions(), ChunkOptions(), options), name="rw-test", route_prefix="/")
+    args = {"max_upload_mb": str(LIMIT_MB), "max-batch-size": "8", "batch_wait_timeout_s": "0.2"}
+    serve.run(call_user_app_builder_with_args_if_necessary(import_attr("ray_whisper.serve:app"), args),
+              name="rw-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     yield url
     serve.shutdown()
@@ -170,18 +173,13 @@ def test_a_client_that_goes_away_mid_upload_costs_nothing(server, client):
 
 
 def test_a_model_failure_is_a_500_with_the_request_id_and_the_replica_goes_on(bundled_model):
-    """The request handler itself, outside Serve (so without its batching, which needs a replica: the batch is
-    the request's chunks alone): the model raising answers 500, JSON, with the id; the next request works."""
+    """The request handler itself, outside Serve (its queue runs in any event loop): the model raising answers
+    500, JSON, with the id; the next request works."""
     from starlette.requests import Request
 
     from ray_whisper.serve import Service
 
     service = Service(bundled_model, "m", DecodingOptions(), ChunkOptions(), ServeOptions())
-
-    async def unbatched(job):
-        return (await Service._decode.__wrapped__(service, [job]))[0]
-
-    service._decode = unbatched
     prepared = requests.Request("POST", "http://x/v1/audio/transcriptions", files={"file": ("jfk.flac", JFK.read_bytes())},
                                 data={"model": "whisper-1"}).prepare()
 
