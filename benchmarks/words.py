@@ -28,34 +28,45 @@ from ray_whisper.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
 
-def corpus(minutes: float) -> np.ndarray:
+def corpus(minutes: float, with_reference: bool = False):
+    """Real English speech (the test clips, concatenated at seeded places with pauses): the waveform, and
+    with `with_reference` its reference text too."""
     refs = json.loads((ROOT / "tests/data/refs.json").read_text())
     jfk = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
     mit = decode_all((ROOT / "tests/data/multilingual.mp3").read_bytes())[: int(29.5 * SAMPLE_RATE)]
     clips = [(jfk, refs["jfk.flac"]["text"]), (mit, refs["multilingual.mp3"]["text_en"])]
-    return ev.build_long_speech(clips, minutes * 60, seed=11)[0]
+    audio, reference = ev.build_long_speech(clips, minutes * 60, seed=11)
+    return (audio, reference) if with_reference else audio
 
 
-def ours(path: Path, word_timestamps: bool, threads: int) -> tuple[list[dict], float]:
+def stages(path: Path, options, threads: int, model_dir: str | None = None) -> tuple[dict, float]:
+    """The pipeline's own stages on one file in this process (chunk, decode in batches of 16, assemble):
+    its output row and the seconds it took (model load not included)."""
     import pyarrow as pa
 
     from ray_whisper.assemble import Assembler
     from ray_whisper.chunking import ChunkGeometry
-    from ray_whisper.config import DecodingOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.model import bundled_model_dir
     from ray_whisper.preprocess import chunk_batch
 
-    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(word_timestamps=word_timestamps), cpu_threads=threads)
+    tr = Transcriber(model_dir or str(bundled_model_dir()), options, cpu_threads=threads)
     manifest = pa.table({"id": ["x"], "audio": [str(path)], "language": [None], "prompt": [None]})
     started = time.perf_counter()
-    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80)))
-    assembler = Assembler(tr.tokenizer.to_str(), "m", "fp", word_timestamps=word_timestamps)
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), tr.n_mels)))
+    assembler = Assembler(tr.tokenizer.to_str(), "m", "fp", word_timestamps=options.word_timestamps)
     rows = []
     for k in range(0, chunks.num_rows, 16):
         block = chunks.slice(k, 16)
         rows += assembler(tr({n: block[n].to_numpy(zero_copy_only=False) for n in block.column_names})).to_pylist()
-    return (rows[0]["words"] or []), time.perf_counter() - started
+    return rows[0], time.perf_counter() - started
+
+
+def ours(path: Path, word_timestamps: bool, threads: int) -> tuple[list[dict], float]:
+    from ray_whisper.config import DecodingOptions
+
+    row, seconds = stages(path, DecodingOptions(word_timestamps=word_timestamps), threads)
+    return row["words"] or [], seconds
 
 
 def faster_whisper(path: Path, threads: int) -> list[dict]:
