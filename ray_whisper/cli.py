@@ -146,9 +146,10 @@ def _serve(args: argparse.Namespace) -> int:
     options = _options(args, config.ServeOptions)
     _quiet_ray_logging()
     local = connect()
-    serve.start(http_options={"host": options.host, "port": options.port})  # a running Serve keeps its own
+    serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
-    print(f"serving {decoding.model} on http://{options.host}:{options.port}/v1/audio/transcriptions "
+    host, port = _listening(options)
+    print(f"serving {decoding.model} on http://{host}:{port}/v1/audio/transcriptions "
           "(GET /health; Ctrl-C stops)", flush=True)
     try:
         while True:
@@ -160,6 +161,18 @@ def _serve(args: argparse.Namespace) -> int:
             serve.delete("ray_whisper")
         print("ray-whisper: the endpoint stopped", file=sys.stderr)
     return 0
+
+
+def _listening(options: config.ServeOptions) -> tuple[str, int]:
+    """Where Serve really listens: a cluster whose Serve already runs keeps its own host and port (and
+    Ray warns that ours are ignored)."""
+    try:
+        from ray.serve.context import _get_global_client  # internal; its absence only costs the check
+
+        http = _get_global_client().http_config
+        return http.host, int(http.port)
+    except (ImportError, AttributeError, RuntimeError):
+        return options.host, options.port
 
 
 def _quiet_ray_logging() -> None:

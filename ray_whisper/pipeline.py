@@ -95,6 +95,9 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
+    if options.decoding.dtype == "int8" and res.gpus_per_actor > 0:
+        raise ConfigError("--dtype int8 runs on CPU only and this cluster has GPUs: give --gpus-per-actor 0 to "
+                          "run int8 on CPU, or --dtype float16 (or auto) for the GPUs")
     table = prepared.manifest
     step = options.resources.files_per_task
     context = ray.data.DataContext.get_current()

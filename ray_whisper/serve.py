@@ -303,6 +303,8 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     gpus = options.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+    if decoding.dtype == "int8" and gpus > 0:
+        raise ConfigError("--dtype int8 runs on CPU only: give --gpus-per-replica 0, or --dtype float16 (or auto)")
     if options.max_batch_size is None:
         options = dataclasses.replace(options, max_batch_size=auto_batch_size(gpus > 0, model_files(path, decoding.revision)[0]))
     # on CPU a replica runs torch on its share of the cluster's cores, as the batch job's model actors do

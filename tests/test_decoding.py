@@ -79,3 +79,20 @@ def test_a_chunk_decodes_the_same_alone_and_in_a_batch_whose_chunks_end_at_diffe
         assert t.tokens == a.tokens
         assert t.avg_logprob == pytest.approx(a.avg_logprob, abs=1e-3)
     assert np.isfinite([r.avg_logprob for r in together]).all()
+
+
+def test_the_seek_pass_falls_back_on_loops_only():
+    """A first pass falls back on a loop or on low log-probability; the seek pass (a chunk's tail, a few words
+    padded with silence) only on a loop; a likely no-speech decoding on neither."""
+    from ray_whisper.config import DecodingOptions
+    from ray_whisper.decoding import Decoded
+    from ray_whisper.passes import _failed
+
+    opt = DecodingOptions()
+    texts = {1: "the tail of a sentence", 2: "again and " * 30}
+    text_of = lambda ids: texts[ids[0]]  # noqa: E731
+    unlikely, looping = Decoded([1], "en", 0.1, -1.05), Decoded([2], "en", 0.1, -0.3)
+    silent = Decoded([1], "en", 0.9, -1.5)
+    assert _failed(unlikely, opt, text_of) and _failed(looping, opt, text_of)
+    assert not _failed(unlikely, opt, text_of, loops_only=True) and _failed(looping, opt, text_of, loops_only=True)
+    assert not _failed(silent, opt, text_of) and not _failed(silent, opt, text_of, loops_only=True)

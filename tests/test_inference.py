@@ -211,11 +211,12 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     feats = features.log_mel([german, jfk], 80)
     args = ([None, None], [29.0, jfk.size / 16_000])
     seeds = [11, 12]
-    plain = Transcriber(bundled_model, DecodingOptions(temperatures="0"), cpu_threads=2)
+    short = {"max_new_tokens": 96}  # a loop runs to the token limit; 96 tokens of it are loop enough, and 2x faster
+    plain = Transcriber(bundled_model, DecodingOptions(temperatures="0", **short), cpu_threads=2)
     looped, jfk_plain = (text_of(plain, r) for r in plain.decode(feats, *args, seeds=seeds))
     assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
 
-    fallback = Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
+    fallback = Transcriber(bundled_model, DecodingOptions(**short), cpu_threads=2)
     first = fallback.decode(feats, *args, seeds=seeds)
     fixed = text_of(fallback, first[0])
     assert first[0].temperature > 0 and compression_ratio(fixed) < compression_ratio(looped) / 2
@@ -223,3 +224,33 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     assert first[1].temperature == 0 and text_of(fallback, first[1]) == jfk_plain  # untouched
     again = fallback.decode(feats, *args, seeds=seeds)
     assert [text_of(fallback, r) for r in again] == [fixed, jfk_plain]  # reruns give the same output
+
+
+def test_int8_transcribes_real_speech_as_float32_does_with_quantised_layers(bundled_model, greedy, speech_clips):
+    """--dtype int8: every linear layer but the vocabulary projection is int8 (PyTorch's dynamic
+    quantisation), and the transcripts of real speech stay within a word or so of float32's."""
+    import torch
+
+    int8 = Transcriber(bundled_model, DecodingOptions(dtype="int8"), cpu_threads=2)
+    linear = [m for m in int8.net.modules() if isinstance(m, torch.nn.Linear)]
+    quantised = [m for m in int8.net.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    assert linear == [int8.net.proj_out] and len(quantised) > 20
+    feats = features.log_mel([a for a, _ in speech_clips], 80)
+    durations = [a.size / 16_000 for a, _ in speech_clips]
+    refs = [r for _, r in speech_clips]
+    wer = {}
+    for name, tr in (("float32", greedy), ("int8", int8)):
+        wer[name] = ev.wer(refs, [text_of(tr, r) for r in tr.decode(feats, [None, None], durations)])
+    assert wer["int8"] <= wer["float32"] + 0.02 and wer["int8"] <= 0.08, wer
+
+
+def test_int8_on_a_gpu_is_refused_before_any_work():
+    from ray_whisper.config import ConfigError, TranscribeOptions
+    from ray_whisper.tuning import resolve_dtype
+
+    from ray_whisper.errors import ModelError
+
+    with pytest.raises(ConfigError, match="int8 runs on CPU only"):
+        TranscribeOptions(dtype="int8", gpus_per_actor=1)
+    with pytest.raises(ModelError, match="int8 runs on CPU only"):
+        resolve_dtype("int8", "cuda")

@@ -125,7 +125,9 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
     assert chunks.num_rows >= 2 and chunks[schema.DETECT_INDEX].to_pylist() == [0] * chunks.num_rows
     assert chunks[schema.DETECT_FEATURES][0].as_py() == b"" and chunks[schema.DETECT_FEATURES][1].as_py() == chunks[schema.FEATURES][0].as_py()
     for order in ([chunks], [chunks.slice(1), chunks.slice(0, 1)], [chunks.slice(0, 1), chunks.slice(1)]):
-        tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)  # a fresh actor: knows no file
+        # a fresh actor: knows no file. Greedy only: the German half decoded as English trips the fallback,
+        # which is not what this test is about (tests/test_inference.py tests it), and costs it ~40 s
+        tr = Transcriber(multilingual_model, DecodingOptions(temperatures="0"), cpu_threads=2)
         row = assemble(tr, order)
         assert row[schema.LANGUAGE] == "en" and row[schema.LANGUAGE_PROBABILITY] > 0.9
         assert {s["language"] for s in row[schema.SEGMENTS]} == {"en"}
