@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -151,6 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
     host, port = _listening(options)
     print(f"serving {decoding.model} on http://{host}:{port}/v1/audio/transcriptions "
           "(GET /health; Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop (systemd, Kubernetes) as Ctrl-C
     try:
         while True:
             time.sleep(3600)
@@ -161,6 +163,10 @@ def _serve(args: argparse.Namespace) -> int:
             serve.delete("ray_whisper")
         print("ray-whisper: the endpoint stopped", file=sys.stderr)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _listening(options: config.ServeOptions) -> tuple[str, int]:

@@ -210,7 +210,8 @@ def test_a_model_failure_is_a_500_with_the_request_id_and_the_replica_goes_on(bu
     assert ok.status_code == 200 and ev.wer([REFS["jfk.flac"]["text"]], [json.loads(ok.body)["text"]]) <= 0.05
 
 
-def test_ray_whisper_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
+def test_ray_whisper_serve_starts_answers_and_stops_on_sigterm(tmp_path):
+    """SIGTERM (a process manager's stop) takes the Ctrl-C path: the endpoint is removed, exit 0."""
     from openai import OpenAI
 
     port = free_port()
@@ -231,7 +232,7 @@ def test_ray_whisper_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
             time.sleep(1)
         text = OpenAI(base_url=f"{url}/v1", api_key="unused").audio.transcriptions.create(model="whisper-1", file=JFK.open("rb")).text
         assert ev.wer([REFS["jfk.flac"]["text"]], [text]) <= 0.05
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         output = proc.stdout.read()
         assert f"serving bundled:tiny.en on http://127.0.0.1:{port}/v1/audio/transcriptions" in output
