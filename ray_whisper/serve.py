@@ -101,8 +101,10 @@ class Service:
         self.model_name, self.options, self.geom = model_name, options, chunks.geometry()
         self.decoding = decoding
         self.tokenizer_json = self.model.tokenizer.to_str()
-        self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, options.max_batch_size or 16,
-                                                 options.batch_wait_timeout_s)
+        # automatic: as the batch job's model actors size theirs, for the device this replica really got
+        size = options.max_batch_size or auto_batch_size(
+            self.model.device == "cuda", model_files(model_path, decoding.revision)[0])
+        self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, size, options.batch_wait_timeout_s)
         self.batches = self.chunks = 0
         self.recent: collections.deque[int] = collections.deque(maxlen=32)  # sizes of the last batches
 
@@ -305,8 +307,6 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     if decoding.dtype == "int8" and gpus > 0:
         raise ConfigError("--dtype int8 runs on CPU only: give --gpus-per-replica 0, or --dtype float16 (or auto)")
-    if options.max_batch_size is None:
-        options = dataclasses.replace(options, max_batch_size=auto_batch_size(gpus > 0, model_files(path, decoding.revision)[0]))
     # on CPU a replica runs torch on its share of the cluster's cores, as the batch job's model actors do
     threads = max(math.ceil(options.cpus_per_replica), int(cluster.get("CPU", 1)) // options.max_replicas, 1)
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
