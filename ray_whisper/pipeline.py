@@ -92,6 +92,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     from ray.util.debug import log_once
 
     from .inference import Transcriber  # torch and the network, ~3 s: the driver never needs them
+    from .tuning import cpu_actor_runtime_env
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
@@ -133,6 +134,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
             num_gpus=res.gpus_per_actor,
             num_cpus=res.cpus_per_actor,
+            **({} if res.gpus_per_actor > 0 else {"runtime_env": cpu_actor_runtime_env()}),
             max_restarts=-1,  # a dead model actor is replaced...
             max_task_retries=-1,  # ...and the batches it held are retried on the pool
         )

@@ -45,6 +45,7 @@ from .passes import compression_ratio, transcribe_chunks
 from .resources import auto_batch_size
 from .subtitles import render
 from .tokens import language_code
+from .tuning import cpu_actor_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,8 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     threads = max(math.ceil(options.cpus_per_replica), int(cluster.get("CPU", 1)) // options.max_replicas, 1)
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
     return WhisperService.options(
-        ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica},
+        ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica,
+                           **({} if gpus > 0 else {"runtime_env": cpu_actor_runtime_env()})},
         autoscaling_config=scaling if options.max_replicas > options.min_replicas else None,
         num_replicas=None if options.max_replicas > options.min_replicas else options.min_replicas,
         max_ongoing_requests=options.max_ongoing_requests,
