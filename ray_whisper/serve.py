@@ -42,10 +42,9 @@ from .inference import Transcriber, chunk_seed, token_rows
 from .languages import LANGUAGE_NAMES
 from .model import model_files, resolve_model
 from .passes import compression_ratio, transcribe_chunks
-from .resources import auto_batch_size
+from .resources import auto_batch_size, cpu_actor_runtime_env
 from .subtitles import render
 from .tokens import language_code
-from .tuning import cpu_actor_runtime_env
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,6 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 
-# The environment of a CPU model actor's process (its runtime_env's env_vars; Ray merges them with the job's).
-# glibc gives each thread that allocates an arena of its own, and a thread's arena other than the main one
-# cannot hold a block over 64 MB: glibc then maps fresh pages for it whatever keep_freed_memory set. Ray Data
-# and Serve call the model from a pool thread, so without this every batch faulted its attention tensors
-# in again (tiny.en, 2 cores, 30 min of speech: 2.3 M page faults, 25 s of system time; 1.2 s in one thread
-# of one process). One arena for the whole process keeps them; it must be set before the process starts.
-CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1"}
-
-
-def cpu_actor_runtime_env() -> dict[str, dict[str, str]]:
-    """The runtime_env for a model actor or replica that runs on CPU."""
-    return {"env_vars": dict(CPU_ACTOR_ENV)}
-
-
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS (no mmap for large blocks,
     no trimming). A CPU forward pass allocates and frees tensors of tens to hundreds of MB; with glibc's

@@ -170,7 +170,7 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     import subprocess
     import sys
 
-    from ray_whisper.tuning import CPU_ACTOR_ENV, cpu_actor_runtime_env
+    from ray_whisper.resources import CPU_ACTOR_ENV, cpu_actor_runtime_env
 
     env = os.environ | (CPU_ACTOR_ENV if mode == "thread-actor-env" else {})
     out = subprocess.run([sys.executable, "-c", ENCODE_FOUR_TIMES, mode, bundled_model], capture_output=True, text=True,
