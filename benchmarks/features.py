@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import tempfile
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +55,6 @@ def multilingual_base(folder: Path) -> str:
     return resolve_model(str(folder))
 
 
-def write_wav(audio: np.ndarray, path: Path) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
 def measure(cases: dict, path: Path, reference: str, seconds: float, threads: int, model_dir: str | None) -> dict:
     out = {}
     for name, options in cases.items():
@@ -88,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         for label, minutes, cases, model in (("tiny.en", args.minutes, ENGLISH, None),
                                              ("base", args.multilingual_minutes, MULTILINGUAL, "base")):
             audio, reference = corpus(minutes, with_reference=True)
-            path = write_wav(audio, Path(tmp) / f"{label}.wav")
+            path = ev.write_wav(Path(tmp) / f"{label}.wav", audio)
             model_dir = None
             if model:
                 (Path(tmp) / "base").mkdir()

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ray_whisper import evaluation as ev  # noqa: E402
 from ray_whisper.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
@@ -45,13 +45,7 @@ def clips(n: int, folder: Path) -> list[Path]:
         src = sources[i % 2]
         length = int(rng.uniform(2, 10) * SAMPLE_RATE)
         start = int(rng.integers(0, max(1, src.size - length)))
-        path = folder / f"clip{i:03}.wav"
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(SAMPLE_RATE)
-            w.writeframes((np.clip(src[start : start + length], -1, 1) * 32767).astype("<i2").tobytes())
-        paths.append(path)
+        paths.append(ev.write_wav(folder / f"clip{i:03}.wav", src[start : start + length]))
     return paths
 
 

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,7 @@ def build_corpus(folder: Path, minutes: float) -> tuple[list[Path], list[str], f
     for i, length in enumerate(LENGTHS_S):
         target = max(11.0, length * scale)
         audio, text = (clips[0] if target < 20 else ev.build_long_speech(clips, target, seed=i))
-        paths.append(_write_wav(folder / f"speech_{i:02d}.wav", audio))
+        paths.append(ev.write_wav(folder / f"speech_{i:02d}.wav", audio))
         texts.append(text)
         total += audio.size / SAMPLE_RATE
     return paths, texts, total
@@ -86,19 +85,10 @@ def build_short_corpus(folder: Path, count: int, seed: int = 0) -> tuple[list[Pa
         at = np.arange(0, audio.size - 1, speed)
         clip = np.interp(at, np.arange(audio.size), audio) * float(rng.uniform(0.3, 1.0))
         clip = (clip + rng.normal(0, 0.002, clip.size)).astype(np.float32)
-        paths.append(_write_wav(folder / f"clip_{i:04d}.wav", clip))
+        paths.append(ev.write_wav(folder / f"clip_{i:04d}.wav", clip))
         texts.append(text)
         total += clip.size / SAMPLE_RATE
     return paths, texts, total
-
-
-def _write_wav(path: Path, audio: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
 
 
 def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[float, list[str]]:

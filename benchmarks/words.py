@@ -15,7 +15,6 @@ import json
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     audio = corpus(args.minutes)
     seconds = audio.size / SAMPLE_RATE
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speech.wav"
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(SAMPLE_RATE)
-            w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+        path = ev.write_wav(Path(tmp) / "speech.wav", audio)
         theirs = faster_whisper(path, args.threads)
         _, plain_s = ours(path, False, args.threads)
         mine, words_s = ours(path, True, args.threads)

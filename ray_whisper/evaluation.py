@@ -1,10 +1,11 @@
 """Scoring and test material shared by the tests and the benchmark: WER after Whisper's English
-normalisation, long speech built by concatenating real clips, and in-memory transcription of one array
-with the pipeline's own windows, decoder and merge (no Ray, no I/O)."""
+normalisation, long speech built by concatenating real clips, WAV files of it, and in-memory transcription of
+one array with the pipeline's own windows, decoder and merge (no Ray, no I/O)."""
 
 from __future__ import annotations
 
 import json
+import wave
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,16 @@ def build_long_speech(
         refs.append(text)
         total += audio.size + gap.size
     return np.concatenate(parts), " ".join(refs)
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
+    """16-bit PCM mono WAV with the standard library (no encoder needed)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
+    return path
 
 
 def transcribe_in_memory(audio: np.ndarray, transcriber: Any, chunks: Any = None, batch_size: int = 8) -> tuple[str, list]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ray_whisper.evaluation import write_wav  # noqa: F401 - the tests import it from here
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "refs.json").read_text())
@@ -32,17 +33,6 @@ def pytest_configure(config):
     os.environ["AWS_SECRET_ACCESS_KEY"] = "moto-test-secret-" + secrets.token_hex(12)
     os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = "us-east-1"
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
-
-
-def write_wav(path: Path, audio: np.ndarray, rate: int = 16_000) -> Path:
-    """16-bit PCM mono WAV with the standard library (no encoder needed)."""
-    pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return path
 
 
 @pytest.fixture(scope="session")
