@@ -28,7 +28,7 @@ from .errors import MODEL_ERROR, row_error
 from .model import local_model_dir, model_files
 from .passes import ChunkTranscript, transcribe_chunks
 from .tokens import language_code, special_tokens
-from .tuning import keep_freed_memory, quantize_linear, resolve_dtype, run_at_normal_priority
+from .tuning import ModelThread, keep_freed_memory, quantize_linear, resolve_dtype, run_at_normal_priority
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,18 @@ class Transcriber:
 
     def __init__(self, model_path: str, options: DecodingOptions, cpu_threads: int | None = None):
         """`model_path` is a resolved model (model.resolve_model); `cpu_threads` the torch threads when the
-        actor runs on CPU (resources.plan_resources chooses them)."""
+        actor runs on CPU (resources.plan_resources chooses them). The model loads and runs on one thread of
+        its own (`self.thread`, tuning.ModelThread), whichever thread constructs or calls this."""
         self.options = options
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if not run_at_normal_priority():
+        if not run_at_normal_priority():  # before the model thread starts: threads inherit their creator's
             log.info("model actor runs at Ray's worker niceness (lowering it was refused)")
+        self.thread = ModelThread()
+        self.thread.run(self._load, model_path, cpu_threads)
+        log.info("model %s loaded on %s (%s)", model_path, self.device, self.options.dtype)
+
+    def _load(self, model_path: str, cpu_threads: int | None) -> None:
+        options = self.options
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads or 1)
             keep_freed_memory()
@@ -63,7 +70,6 @@ class Transcriber:
         self._variants: dict[tuple, tuple[Decoder, WordAligner | None]] = {}
         self.decoder, self.aligner = self.variant()
         self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
-        log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
     def variant(self, **changes: Any) -> tuple[Decoder, WordAligner | None]:
         """A decoder (and word aligner, with word timestamps) for these decoding options changed, over the same
@@ -85,7 +91,8 @@ class Transcriber:
                      for lang in languages]
         texts = prompts or [None] * len(durations)
         prompt_ids = [self._prompt_ids(text or self.options.initial_prompt) for text in texts]
-        return transcribe_chunks(self.decoder, feats, requested, durations, self._text, prompt_ids, seeds, self.aligner)
+        return self.thread.run(transcribe_chunks, self.decoder, feats, requested, durations, self._text, prompt_ids,
+                               seeds, self.aligner)
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -98,6 +105,9 @@ class Transcriber:
         return self.tokenizer.encode(" " + text.strip(), add_special_tokens=False).ids
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.thread.run(self._map, batch)
+
+    def _map(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         schema.require(batch, schema.MODEL_INPUT, "model")
         n = len(batch[schema.ID])
         errors = list(batch[schema.ERROR])

@@ -183,7 +183,7 @@ class Service:
             raise ApiError(400, f"the file is not audio that can be decoded ({e.kind}: {e}); send wav, mp3, flac, "
                            "ogg, m4a, webm or mp4", "file") from e
         pieces = list(iter_chunks([audio], self.geom))
-        feats = await asyncio.to_thread(features.log_mel, [a for _, a in pieces], self.model.n_mels)
+        feats = await asyncio.wrap_future(self.model.thread.submit(features.log_mel, [a for _, a in pieces], self.model.n_mels))
         audible = [k for k, (_, a) in enumerate(pieces) if not is_silent(a)]
         variant = (task, _schedule(fields.temperature, self.decoding), fields.words or self.decoding.word_timestamps)
         jobs = {k: Job(feats[k], pieces[k][1].size / SAMPLE_RATE, fields.language, fields.prompt,
@@ -204,7 +204,7 @@ class Service:
 
     async def _decode_batch(self, jobs: list[Job]) -> list[Any]:
         """The shared queue's consumer: the chunks of every request in flight, decoded together (one call per
-        decoding variant among them), the model in a thread so that requests keep arriving meanwhile."""
+        decoding variant among them), on the model's own thread so that requests keep arriving meanwhile."""
         self.batches, self.chunks = self.batches + 1, self.chunks + len(jobs)
         self.recent.append(len(jobs))
         out: list[Any] = [None] * len(jobs)
@@ -213,11 +213,11 @@ class Service:
             task, temperatures, words = variant
             decoder, aligner = self.model.variant(task=task, temperatures=temperatures, word_timestamps=words)
             group = [jobs[i] for i in picked]
-            decoded = await asyncio.to_thread(
+            decoded = await asyncio.wrap_future(self.model.thread.submit(
                 transcribe_chunks, decoder, np.stack([j.feats for j in group]), [j.language for j in group],
                 [j.duration for j in group], self.model._text, [self.model._prompt_ids(j.prompt) for j in group],
                 [j.seed for j in group], aligner,
-            )
+            ))
             for i, result in zip(picked, decoded):
                 out[i] = result
         return out

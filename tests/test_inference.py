@@ -164,6 +164,49 @@ def test_model_actor_undoes_ray_worker_niceness():
     assert later == "0"
 
 
+ONE_MODEL_THREAD = """
+import os, sys, threading
+from concurrent.futures import ThreadPoolExecutor
+from ray_whisper import features
+from ray_whisper.audio import decode_all
+from ray_whisper.config import DecodingOptions
+from ray_whisper.inference import Transcriber
+tr = Transcriber(sys.argv[1], DecodingOptions(), cpu_threads=2)  # built on the main thread, as Ray Data does
+audio = decode_all(open(sys.argv[2], "rb").read())[: 5 * 16_000]
+feats = features.log_mel([audio], 80)
+tr.decode(feats, [None], [5.0])
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+barrier = threading.Barrier(3)
+def call(_):
+    barrier.wait()  # three caller threads alive at once
+    (result,) = tr.decode(feats, [None], [5.0])
+    return threading.get_ident(), len(result.segments)
+with ThreadPoolExecutor(3) as callers:
+    done = list(callers.map(call, range(3)))
+    during = threads()
+print(len({ident for ident, _ in done}), min(n for _, n in done), during - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_model_runs_on_its_own_thread_whichever_threads_call_it(bundled_model):
+    """Ray Data builds the Transcriber on the actor's main thread and calls it from a pool thread, Serve from
+    asyncio's executor threads. Each thread that runs a parallel torch op gets OpenMP workers of its own
+    (one more per caller here, with 2 torch threads), and with more of them than cores libgomp's idle workers
+    sleep at once instead of spinning (tuning.ModelThread). Three live callers must add only themselves."""
+    import subprocess
+    import sys
+
+    from conftest import DATA
+
+    out = subprocess.run([sys.executable, "-c", ONE_MODEL_THREAD, bundled_model, str(DATA / "jfk.flac")],
+                         capture_output=True, text=True, check=True)
+    callers, segments, added = (int(x) for x in out.stdout.split())
+    assert callers == 3 and segments >= 1
+    assert added == 3, f"{added} threads appeared for 3 callers: each caller ran torch on its own thread"
+
+
 def test_a_prompt_moves_the_transcript_toward_the_prompted_spelling(greedy):
     """hotwords.mp3 says "ComfyUI"; unprompted tiny.en hears "comfyu eye"."""
     from conftest import DATA
