@@ -62,21 +62,35 @@ def build_corpus(folder: Path, minutes: float) -> tuple[list[Path], list[str], f
     return paths, texts, total
 
 
-# Short clips with exact references: the shared clips cut at their pauses (seconds) and whole
-SHORT_PIECES = (("jfk.flac", "text", 0.0, 2.6, "And so my fellow Americans"),
-                ("jfk.flac", "text", 2.6, 11.0, "ask not what your country can do for you, ask what you can do for your country."),
-                ("jfk.flac", "text", 0.0, 7.6, "And so my fellow Americans, ask not what your country can do for you,"),
-                ("jfk.flac", "text", 7.6, 11.0, "ask what you can do for your country."),
-                ("jfk.flac", "text", 0.0, 11.0, None))
+# Short clips with exact references: the shared clips cut at their pauses (seconds) and whole; a channel of
+# stereo_diarization.wav (one speaker each) where one is given
+SHORT_PIECES = (("jfk.flac", None, "text", 0.0, 2.6, "And so my fellow Americans"),
+                ("jfk.flac", None, "text", 2.6, 11.0, "ask not what your country can do for you, ask what you can do for your country."),
+                ("jfk.flac", None, "text", 0.0, 7.6, "And so my fellow Americans, ask not what your country can do for you,"),
+                ("jfk.flac", None, "text", 7.6, 11.0, "ask what you can do for your country."),
+                ("jfk.flac", None, "text", 0.0, 11.0, None),
+                ("stereo_diarization.wav", 0, "text_left", 0.0, 5.0, None),
+                ("stereo_diarization.wav", 1, "text_right", 0.0, 3.0, None))
+
+
+def _channel(path: Path, channel: int | None) -> np.ndarray:
+    """A file's samples at 16 kHz: the downmix, or one channel of a 16-bit 16 kHz WAV."""
+    if channel is None:
+        return decode_all(path.read_bytes())
+    import wave
+
+    with wave.open(str(path)) as w:
+        assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2, path
+        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, w.getnchannels())
+    return frames[:, channel].astype(np.float32) / 32768
 
 
 def build_short_corpus(folder: Path, count: int, seed: int = 0) -> tuple[list[Path], list[str], float]:
-    """`count` WAV clips of about 2-10 s: the pieces above, each clip sped up or slowed down (0.9-1.1x, by
-    resampling), at a random gain, with a little noise, so no two clips are the same signal."""
+    """`count` WAV clips of about 2-10 s: the pieces above in turn, each clip sped up or slowed down (0.9-1.1x,
+    by resampling), at a random gain, with a little noise, so no two clips are the same signal."""
     refs = json.loads((ROOT / "tests/data/refs.json").read_text())
-    base = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
-    pieces = [(base[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)], text or refs[name][key])
-              for name, key, a, b, text in SHORT_PIECES]
+    pieces = [(_channel(ROOT / "tests/data" / name, channel)[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)],
+               text or refs[name][key]) for name, channel, key, a, b, text in SHORT_PIECES]
     rng = np.random.default_rng(seed)
     paths, texts, total = [], [], 0.0
     for i in range(count):
