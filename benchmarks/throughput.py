@@ -18,7 +18,9 @@ Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and 
   pipeline-int8, faster-whisper-int8  the same two with int8 weights (--dtype int8; compute_type "int8")
   pipeline-short, faster-whisper-short  the pipeline and faster-whisper (float32) on --short clips of 2-10 s:
              many short files, where Whisper pads every one to a 30 s window
-and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline). `--skip` leaves peers out; `--json` saves results.
+and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline), and
+the encoder passes per audio hour of both (the pipeline's counted in its decoder run, faster-whisper's from its VAD's
+chunks). `--skip` leaves peers out; `--json` saves results.
 """
 
 from __future__ import annotations
@@ -165,8 +167,9 @@ def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     return time.perf_counter() - started, texts
 
 
-def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
-    """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory."""
+def run_decoder(paths: list[Path], threads: int, passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
+    """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory. Counts
+    into `passes` the windows its encoder ran on (first pass, second pass, fallbacks) and the chunks."""
     from ray_whisper import features
     from ray_whisper.config import DecodingOptions
     from ray_whisper.inference import Transcriber
@@ -177,6 +180,15 @@ def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     feats = features.log_mel([a for _, a in windows], 80)
     durations = [a.size / SAMPLE_RATE for _, a in windows]
     batch = _batch_size()
+    counted = passes if passes is not None else {}
+    counted.update(encoder=0, chunks=len(windows))
+    encode = tr.decoder.encode
+
+    def counting_encode(x):  # every encoder call goes through Decoder.encode
+        counted["encoder"] += len(x)
+        return encode(x)
+
+    tr.decoder.encode = counting_encode
     results = []
     started = time.perf_counter()
     for k in range(0, len(windows), batch):
@@ -186,6 +198,21 @@ def run_decoder(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     for (i, _), r in zip(windows, results):
         texts[i] += "".join(tr.tokenizer.decode(t) for _, _, t in r.segments)
     return wall, texts
+
+
+def faster_whisper_passes(paths: list[Path]) -> int:
+    """The windows faster-whisper's batched pipeline encodes for these files: one per chunk its VAD cuts
+    (BatchedInferencePipeline.transcribe with vad_filter on: speech of at most 30 s, 160 ms pauses, each chunk
+    encoded once, no second pass). Counted with its own VAD functions at those settings."""
+    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+    options = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
+    total = 0
+    for p in paths:
+        audio = decode_all(p.read_bytes())
+        chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, options), max_duration=30)
+        total += len(chunks)
+    return total
 
 
 def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, float]:
@@ -296,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min (and {len(short)} short clips, {short_s / 60:.1f} min); "
               f"machine: {platform.machine()}, {os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), "
               f"batch {_batch_size()}", flush=True)
+        passes: dict[str, int] = {}  # the decoder run's encoder windows
         runners = {
             "pipeline": lambda: run_pipeline(paths, work, args.pipeline_args.split()),
             "ceiling": lambda: run_ceiling(paths, args.threads),
@@ -308,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
             "faster-whisper-short": lambda: run_faster_whisper(short, args.threads),
             # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
-            "decoder": lambda: run_decoder(paths, args.threads),
+            "decoder": lambda: run_decoder(paths, args.threads, passes),
         }
         for name, run in runners.items():
             if name in args.skip or (name.endswith("-short") and not short):
@@ -319,6 +347,14 @@ def main(argv: list[str] | None = None) -> dict:
                              "files_per_s": len(files) / wall}
             print(f"{name:>20}: wall {wall:7.1f} s   audio {seconds:7.1f} s   RTFx {seconds / wall:6.1f}   "
                   f"files/s {len(files) / wall:5.2f}   WER {results[name]['wer']:.2%}", flush=True)
+        if passes:
+            hours = audio_s / 3600
+            fw = faster_whisper_passes(paths)
+            results["encoder_passes"] = {"pipeline": passes["encoder"], "pipeline_chunks": passes["chunks"],
+                                         "faster-whisper": fw, "audio_h": hours}
+            print(f"encoder passes per audio hour: pipeline {passes['encoder'] / hours:.0f} ({passes['encoder']} "
+                  f"windows for {passes['chunks']} chunks), faster-whisper {fw / hours:.0f} ({fw} VAD chunks, one "
+                  "pass each)", flush=True)
         if args.profile:
             stages = profile_stages(paths, args.threads, work)
             results["profile_s"] = stages
