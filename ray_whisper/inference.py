@@ -48,7 +48,6 @@ class Transcriber:
             log.info("model actor runs at Ray's worker niceness (lowering it was refused)")
         self.thread = ModelThread()
         self.thread.run(self._load, model_path, cpu_threads)
-        log.info("model %s loaded on %s (%s)", model_path, self.device, self.options.dtype)
 
     def _load(self, model_path: str, cpu_threads: int | None) -> None:
         options = self.options
@@ -70,6 +69,7 @@ class Transcriber:
         self._variants: dict[tuple, tuple[Decoder, WordAligner | None]] = {}
         self.decoder, self.aligner = self.variant()
         self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
+        log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
 
     def variant(self, **changes: Any) -> tuple[Decoder, WordAligner | None]:
         """A decoder (and word aligner, with word timestamps) for these decoding options changed, over the same

@@ -31,8 +31,8 @@ class ModelThread:
     executor). With two teams there are more OpenMP threads than cores, and libgomp then lets its idle
     workers sleep after ~100 spins instead of ~300,000: every one of the decoder's many small parallel
     regions starts by waking them. Measured on 2 cores, tiny.en int8, batches of 16 from a pool thread after
-    loading on the main thread: 1.5-1.6 cores busy and ~15% more wall time than with load and calls on
-    one thread (1.9 cores). Calls from the model thread itself run at once."""
+    loading on the main thread: 1.5-1.6 cores busy and 12-25% more wall time (alternated runs) than with
+    load and calls on one thread (1.9 cores). Calls from the model thread itself run at once."""
 
     def __init__(self) -> None:
         self._ident: int | None = None
