@@ -28,7 +28,7 @@ from .output import OutputDir, new_run_id
 from .parts import PartWriter
 from .preprocess import chunk_batch
 from .report import Progress, Summary, summarize
-from .resources import cpu_actor_runtime_env, plan_resources
+from .resources import model_actor_options, plan_resources
 from .tokens import language_code, special_tokens
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
-    if options.decoding.dtype == "int8" and res.gpus_per_actor > 0:
-        raise ConfigError("--dtype int8 runs on CPU only and this cluster has GPUs: give --gpus-per-actor 0 to "
-                          "run int8 on CPU, or --dtype float16 (or auto) for the GPUs")
+    actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
     table = prepared.manifest
     step = options.resources.files_per_task
     context = ray.data.DataContext.get_current()
@@ -133,7 +131,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
             num_gpus=res.gpus_per_actor,
             num_cpus=res.cpus_per_actor,
-            **({} if res.gpus_per_actor > 0 else {"runtime_env": cpu_actor_runtime_env()}),
+            **actor_options,
             max_restarts=-1,  # a dead model actor is replaced...
             max_task_retries=-1,  # ...and the batches it held are retried on the pool
         )

@@ -41,9 +41,14 @@ BATCH_MEMORY = {"cpu": (2 << 30, 16), "gpu": (8 << 30, 32)}
 CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
-def cpu_actor_runtime_env() -> dict[str, dict[str, str]]:
-    """The runtime_env for a model actor or replica that runs on CPU."""
-    return {"env_vars": dict(CPU_ACTOR_ENV)}
+def model_actor_options(dtype: str, gpus: float, gpu_flag: str) -> dict[str, Any]:
+    """The Ray options of a model actor (or Serve replica) beyond its CPU and GPU counts, once its GPUs are known
+    (automatic GPUs resolve against the cluster, after the options' own checks): a CPU one starts with
+    CPU_ACTOR_ENV; --dtype int8 on a GPU is refused, naming `gpu_flag`, the option that keeps it on CPU."""
+    if dtype == "int8" and gpus > 0:
+        raise ConfigError(f"--dtype int8 runs on CPU only and each model would get {gpus:g} GPU: give {gpu_flag} 0 to "
+                          "run int8 on CPU, or --dtype float16 (or auto) for the GPUs")
+    return {} if gpus > 0 else {"runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
 
 
 def auto_batch_size(gpu: bool, model_config: dict[str, Any] | None) -> int:

@@ -42,7 +42,7 @@ from .inference import Transcriber, chunk_seed, token_rows
 from .languages import LANGUAGE_NAMES
 from .model import model_files, resolve_model
 from .passes import compression_ratio, transcribe_chunks
-from .resources import auto_batch_size, cpu_actor_runtime_env
+from .resources import auto_batch_size, model_actor_options
 from .subtitles import render
 from .tokens import language_code
 
@@ -305,14 +305,12 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     gpus = options.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
-    if decoding.dtype == "int8" and gpus > 0:
-        raise ConfigError("--dtype int8 runs on CPU only: give --gpus-per-replica 0, or --dtype float16 (or auto)")
+    actor_options = model_actor_options(decoding.dtype, gpus, "--gpus-per-replica")
     # on CPU a replica runs torch on its share of the cluster's cores, as the batch job's model actors do
     threads = max(math.ceil(options.cpus_per_replica), int(cluster.get("CPU", 1)) // options.max_replicas, 1)
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
     return WhisperService.options(
-        ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica,
-                           **({} if gpus > 0 else {"runtime_env": cpu_actor_runtime_env()})},
+        ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica, **actor_options},
         autoscaling_config=scaling if options.max_replicas > options.min_replicas else None,
         num_replicas=None if options.max_replicas > options.min_replicas else options.min_replicas,
         max_ongoing_requests=options.max_ongoing_requests,

@@ -170,7 +170,7 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     import subprocess
     import sys
 
-    from ray_whisper.resources import CPU_ACTOR_ENV, cpu_actor_runtime_env
+    from ray_whisper.resources import CPU_ACTOR_ENV, model_actor_options
 
     env = os.environ | (CPU_ACTOR_ENV if mode == "thread-actor-env" else {})
     out = subprocess.run([sys.executable, "-c", ENCODE_FOUR_TIMES, mode, bundled_model], capture_output=True, text=True,
@@ -182,4 +182,5 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
         assert sorted(later)[len(later) // 2] < 0.1 * first
     else:
         assert min(later) > 10_000  # the contrast: the measurement does see the churn
-    assert cpu_actor_runtime_env() == {"env_vars": CPU_ACTOR_ENV}  # what the pipeline and Serve give CPU actors
+    # what the pipeline and Serve give CPU actors
+    assert model_actor_options("float32", 0, "--gpus-per-actor") == {"runtime_env": {"env_vars": CPU_ACTOR_ENV}}

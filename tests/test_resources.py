@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ray_whisper.config import ConfigError, TranscribeOptions
-from ray_whisper.resources import plan_resources
+from ray_whisper.resources import CPU_ACTOR_ENV, model_actor_options, plan_resources
 
 
 def plan(cluster, node_cpus=None, **options):
@@ -47,6 +47,19 @@ def test_explicit_pool_bounds_win():
 def test_gpus_per_actor_zero_keeps_actors_on_cpu_on_a_gpu_cluster():
     res = plan({"CPU": 16.0, "GPU": 2.0}, [16.0], gpus_per_actor=0)
     assert (res.gpus_per_actor, res.max_actors, res.batch_size) == (0.0, 1, 16)
+
+
+def test_int8_with_automatic_gpus_on_a_gpu_cluster_is_refused_naming_the_option_that_keeps_it_on_cpu():
+    # --dtype int8 alone passes the options' own check (no GPUs asked for); the cluster's GPUs give the actors one
+    opts = TranscribeOptions(dtype="int8")
+    res = plan_resources(opts.resources, {"CPU": 16.0, "GPU": 2.0}, [16.0])
+    assert res.gpus_per_actor == 1.0
+    with pytest.raises(ConfigError, match="--dtype int8 runs on CPU only .* give --gpus-per-actor 0"):
+        model_actor_options(opts.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
+    on_cpu = plan_resources(TranscribeOptions(dtype="int8", gpus_per_actor=0).resources, {"CPU": 16.0, "GPU": 2.0}, [16.0])
+    assert model_actor_options("int8", on_cpu.gpus_per_actor, "--gpus-per-actor") == {
+        "runtime_env": {"env_vars": CPU_ACTOR_ENV}}
+    assert model_actor_options("float16", 1.0, "--gpus-per-actor") == {}  # a GPU actor keeps the job's environment
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_fails_before_running():
