@@ -4,6 +4,8 @@
     python benchmarks/throughput.py --minutes 5     # quicker
     python benchmarks/throughput.py --profile       # also: where the time goes, stage by stage
     python benchmarks/throughput.py --short 600     # also: 600 clips of 2-10 s, files per second (the default)
+    python benchmarks/throughput.py --minutes 90 --short 0 --skip baseline ceiling faster-whisper pipeline-int8 \
+        faster-whisper-int8 pipeline --chunk-length-s 25   # the decoder alone on shorter chunks: passes and WER
 
 Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and WER for:
   pipeline   this project end to end through the CLI (Ray start-up included, as a user sees it)
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from ray_whisper import evaluation as ev  # noqa: E402
 from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.config import ChunkOptions  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
 LENGTHS_S = (11, 30, 45, 60, 90, 120, 180, 240, 300, 600)  # 27.9 min in files of varied length
@@ -125,12 +129,11 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
     return wall, [rows[p.stem] for p in paths]
 
 
-def _windows(paths: list[Path]):
+def _windows(paths: list[Path], chunks: ChunkOptions):
     """The pipeline's chunks of every file: (file index, samples), as its decode stage cuts them."""
     from ray_whisper.chunking import iter_chunks
-    from ray_whisper.config import ChunkOptions
 
-    geom = ChunkOptions().geometry()
+    geom = chunks.geometry()
     return [(i, a) for i, p in enumerate(paths) for _, a in iter_chunks([decode_all(p.read_bytes())], geom)]
 
 
@@ -142,7 +145,7 @@ def _batch_size() -> int:
     return auto_batch_size(False, network.read_config(bundled_model_dir()))
 
 
-def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
+def run_ceiling(paths: list[Path], threads: int, chunks: ChunkOptions) -> tuple[float, list[str]]:
     """transformers' batched generate() over the pipeline's windows; decode time only (windows and
     features are prepared before the clock starts)."""
     import torch
@@ -154,7 +157,7 @@ def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     torch.set_num_threads(threads)
     model = WhisperForConditionalGeneration.from_pretrained(str(bundled_model_dir()), attn_implementation="sdpa").eval()
     tok = WhisperTokenizerFast.from_pretrained(str(bundled_model_dir()))
-    windows = _windows(paths)
+    windows = _windows(paths, chunks)
     feats = torch.from_numpy(features.log_mel([a for _, a in windows], 80)).float()
     batch = _batch_size()
     texts = [""] * len(paths)
@@ -167,7 +170,8 @@ def run_ceiling(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     return time.perf_counter() - started, texts
 
 
-def run_decoder(paths: list[Path], threads: int, passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
+def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
+                passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
     """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory. Counts
     into `passes` the windows its encoder ran on (first pass, second pass, fallbacks) and the chunks."""
     from ray_whisper import features
@@ -176,7 +180,7 @@ def run_decoder(paths: list[Path], threads: int, passes: dict[str, int] | None =
     from ray_whisper.model import bundled_model_dir
 
     tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
-    windows = _windows(paths)
+    windows = _windows(paths, chunks)
     feats = features.log_mel([a for _, a in windows], 80)
     durations = [a.size / SAMPLE_RATE for _, a in windows]
     batch = _batch_size()
@@ -215,7 +219,7 @@ def faster_whisper_passes(paths: list[Path]) -> int:
     return total
 
 
-def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, float]:
+def profile_stages(paths: list[Path], threads: int, workdir: Path, chunks: ChunkOptions) -> dict[str, float]:
     """Seconds per stage for the whole corpus in one process, with the pipeline's own functions: where the
     time goes when nothing else competes (the pipeline overlaps the CPU stages with the model)."""
     import pyarrow as pa
@@ -224,12 +228,12 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path) -> dict[str, 
     from ray_whisper import features
     from ray_whisper.audio import fetch_bytes
     from ray_whisper.chunking import iter_chunks
-    from ray_whisper.config import ChunkOptions, DecodingOptions
+    from ray_whisper.config import DecodingOptions
     from ray_whisper.inference import Transcriber
     from ray_whisper.merge import ChunkResult, merge_chunks, to_text
     from ray_whisper.model import bundled_model_dir
 
-    geom = ChunkOptions().geometry()
+    geom = chunks.geometry()
     tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     clock: dict[str, float] = dict.fromkeys(
         ["fetch", "decode+resample", "chunks", "features", "encoder", "decoder", "merge", "write"], 0.0)
@@ -311,10 +315,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                                  "faster-whisper-int8", "pipeline-short", "faster-whisper-short"])
     parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
+    parser.add_argument("--chunk-length-s", type=float, help="longest chunk, for the pipeline runs and the decoder and "
+                        "ceiling (default: the pipeline's, 30)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    chunks = ChunkOptions() if args.chunk_length_s is None else ChunkOptions(chunk_length_s=args.chunk_length_s)
+    flags = [*args.pipeline_args.split(), "--chunk-length-s", f"{chunks.chunk_length_s:g}"]
 
-    results: dict[str, dict] = {}
+    results: dict[str, Any] = {"chunk_length_s": chunks.chunk_length_s}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths, refs, audio_s = build_corpus(work, args.minutes)
@@ -322,21 +330,21 @@ def main(argv: list[str] | None = None) -> dict:
         short, short_refs, short_s = build_short_corpus(work / "short", args.short)
         print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min (and {len(short)} short clips, {short_s / 60:.1f} min); "
               f"machine: {platform.machine()}, {os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), "
-              f"batch {_batch_size()}", flush=True)
+              f"batch {_batch_size()}, chunks of at most {chunks.chunk_length_s:g} s", flush=True)
         passes: dict[str, int] = {}  # the decoder run's encoder windows
         runners = {
-            "pipeline": lambda: run_pipeline(paths, work, args.pipeline_args.split()),
-            "ceiling": lambda: run_ceiling(paths, args.threads),
+            "pipeline": lambda: run_pipeline(paths, work, flags),
+            "ceiling": lambda: run_ceiling(paths, args.threads, chunks),
             "baseline": lambda: run_baseline(paths, args.threads),
             "faster-whisper": lambda: run_faster_whisper(paths, args.threads),
             # int8 on CPU: the pipeline's --dtype int8 against CTranslate2's int8 (its CPU default)
-            "pipeline-int8": lambda: run_pipeline(paths, work, [*args.pipeline_args.split(), "--dtype", "int8"]),
+            "pipeline-int8": lambda: run_pipeline(paths, work, [*flags, "--dtype", "int8"]),
             "faster-whisper-int8": lambda: run_faster_whisper(paths, args.threads, "int8"),
-            "pipeline-short": lambda: run_pipeline(short, work, args.pipeline_args.split()),
+            "pipeline-short": lambda: run_pipeline(short, work, flags),
             "faster-whisper-short": lambda: run_faster_whisper(short, args.threads),
             # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
-            "decoder": lambda: run_decoder(paths, args.threads, passes),
+            "decoder": lambda: run_decoder(paths, args.threads, chunks, passes),
         }
         for name, run in runners.items():
             if name in args.skip or (name.endswith("-short") and not short):
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"windows for {passes['chunks']} chunks), faster-whisper {fw / hours:.0f} ({fw} VAD chunks, one "
                   "pass each)", flush=True)
         if args.profile:
-            stages = profile_stages(paths, args.threads, work)
+            stages = profile_stages(paths, args.threads, work, chunks)
             results["profile_s"] = stages
             print("where the time goes (one process, seconds for the whole corpus): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
