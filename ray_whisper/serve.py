@@ -335,7 +335,10 @@ def _typed(cls: type, name: str, value: str) -> Any:
     hint = typing.get_type_hints(cls)[name]
     kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
     if bool in kinds:
-        return value.lower() in ("1", "true", "yes", "on")
+        words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+        if value.lower() not in words:  # a typo must not turn an option silently off
+            raise ConfigError(f"{name}={value!r}: expected true or false (or 1/0, yes/no, on/off)")
+        return words[value.lower()]
     for kind in (int, float):
         if kind in kinds:
             try:

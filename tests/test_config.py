@@ -320,6 +320,7 @@ def test_each_stage_gets_only_its_group():
     ({"bogus-flag": "1"}, "bogus_flag"),
     ({"max_batch_size": "eight"}, "max_batch_size='eight'"),
     ({"max_batch_size": "0"}, "--max-batch-size"),
+    ({"word_timestamps": "ture"}, "word_timestamps='ture': expected true or false"),  # not silently off
 ])
 def test_serve_run_arguments_fail_clearly_before_any_replica(args, named):
     from ray_whisper.serve import app
