@@ -35,8 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     chunks = ChunkOptions() if args.chunk_length_s is None else ChunkOptions(chunk_length_s=args.chunk_length_s)
-    flags = [*args.pipeline_args.split(), "--chunk-length-s", f"{chunks.chunk_length_s:g}"]
+    cut = [] if args.chunk_length_s is None else ["--chunk-length-s", f"{args.chunk_length_s:g}"]
+    flags = [*args.pipeline_args.split(), *cut]
 
     results: dict[str, Any] = {"chunk_length_s": chunks.chunk_length_s}
     with tempfile.TemporaryDirectory() as tmp:
