@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes", type=float, default=sum(LENGTHS_S) / 60, help="total audio (default 27.9)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for in-process peers")
     parser.add_argument("--short", type=int, default=600, help="clips of 2-10 s for the many-short-files runs (0: none)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8",
-                                                                 "faster-whisper-int8", "pipeline-short", "faster-whisper-short"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["pipeline", "baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8",
+                                 "faster-whisper-int8", "pipeline-short", "faster-whisper-short"])
     parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
     parser.add_argument("--chunk-length-s", type=float, help="longest chunk, for the pipeline runs and the decoder and "
