@@ -91,8 +91,6 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     import ray.data
     from ray.util.debug import log_once
 
-    from .inference import Transcriber  # torch and the network, ~3 s: the driver never needs them
-
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
     actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
@@ -122,7 +120,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
         # into blocks of exactly one batch, the model never runs a ragged batch of 2 where 16 fit
         chunks = chunks.repartition(target_num_rows_per_block=res.batch_size, strict=True)
         tokens = chunks.map_batches(
-            Transcriber,
+            ModelStage,
             fn_constructor_kwargs={
                 "model_path": prepared.model_path, "options": options.decoding, "cpu_threads": res.cpu_threads,
             },
@@ -151,6 +149,19 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             max_restarts=-1,
             max_task_retries=-1,
         )
+
+
+class ModelStage:
+    """map_batches callable of the model actors: an inference.Transcriber built in the actor, so that the
+    driver never imports torch (1.2-2 s before every run's dataset could start)."""
+
+    def __init__(self, **kwargs: Any):
+        from .inference import Transcriber
+
+        self.transcriber = Transcriber(**kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.transcriber(batch)
 
 
 def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:

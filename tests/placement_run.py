@@ -80,7 +80,7 @@ def main(manifest: str, output: str, report_path: str, gpu_later: bool) -> None:
             pending = wait_for(
                 lambda: runner.is_alive() and [
                     a for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, **state_api)
-                    if "Transcriber" in (a.class_name or "")
+                    if "ModelStage" in (a.class_name or "")
                 ],
                 240, "a model actor waiting for a GPU",
             )
@@ -101,7 +101,7 @@ def main(manifest: str, output: str, report_path: str, gpu_later: bool) -> None:
         def snapshot():
             tasks = list_tasks(filters=[("job_id", "=", job_id)], detail=True, limit=10_000, **state_api)
             done = " ".join(t.name for t in tasks if t.state == "FINISHED" and t.node_id)
-            return tasks if "chunk_batch" in done and "MapBatches(Transcriber)).submit" in done else None
+            return tasks if "chunk_batch" in done and "MapBatches(ModelStage)).submit" in done else None
 
         tasks = wait_for(snapshot, 60, "task events of the run")  # events reach the GCS asynchronously
         actors = list_actors(filters=[("job_id", "=", job_id)], detail=True, limit=1000, **state_api)

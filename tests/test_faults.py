@@ -57,7 +57,7 @@ def transcriber_pids() -> set[int]:
     pids = set()
     for p in psutil.process_iter(["pid", "cmdline", "name"]):
         text = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-        if "Transcriber" in text:
+        if "ModelStage" in text:
             pids.add(p.info["pid"])
     return pids
 

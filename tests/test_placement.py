@@ -55,7 +55,7 @@ def run_on_three_nodes(tmp_path: Path, *flags: str) -> dict:
 
 
 def model_actors(result):
-    return [a for a in result["actors"] if "Transcriber" in a["class_name"]]
+    return [a for a in result["actors"] if "ModelStage" in a["class_name"]]
 
 
 def tasks_named(result, part):
@@ -73,7 +73,7 @@ def check_placement(result):
     for actor in actors:
         assert actor["role"] == "transcribe", actor
         assert actor["required_resources"] == {"GPU": 1.0, "CPU": 1.0}
-    batches = tasks_named(result, "MapBatches(Transcriber)).submit")
+    batches = tasks_named(result, "MapBatches(ModelStage)).submit")
     assert batches and {t["role"] for t in batches} == {"transcribe"}
 
     decodes = tasks_named(result, "MapBatches(chunk_batch)")
