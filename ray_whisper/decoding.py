@@ -133,12 +133,13 @@ class Decoder:
 
     def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
                  temperature: float = 0.0, seeds: list[int] | None = None,
-                 encoded: torch.Tensor | None = None) -> list[Decoded]:
+                 encoded: torch.Tensor | None = None, hold_s: list[float] | None = None) -> list[Decoded]:
         """Decode (chunks, n_mels, 3000) features. Per chunk: its language (a code; None: detect it, English for
         English-only models; or the index of another chunk of the batch whose detected language it takes: a
         file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
         text: names, jargon, earlier text) and, when `temperature` > 0 (sampling instead of the likeliest
-        token), the seed that makes its sample repeatable."""
+        token), the seed that makes its sample repeatable, and the time (seconds; None: none) before which a
+        greedy decoding may not end after a timestamp (passes: the hold)."""
         net = self.net
         beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
         encoded = self.encode(feats) if encoded is None else encoded
@@ -160,7 +161,7 @@ class Decoder:
             if beams > 1:
                 tokens, sum_logprob = self._beam(logits, cache)
             else:
-                tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)))
+                tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)), hold_s)
         return [
             Decoded(tokens[i], languages[i], float(no_speech[i]), float(sum_logprob[i]) / max(len(tokens[i]), 1),
                     temperature, language_probs[i])
@@ -213,7 +214,7 @@ class Decoder:
             self.rules.apply(logits, step, state)
 
     def _greedy(self, logits: torch.Tensor, cache: DecoderCache, temperature: float,
-                seeds: list[int]) -> tuple[list[list[int]], list[float]]:
+                seeds: list[int], hold_s: list[float] | None = None) -> tuple[list[list[int]], list[float]]:
         """The likeliest token at every step, or at `temperature` > 0 a token sampled from the distribution
         sharpened or flattened by it, each row from its own seeded generator (the same sample whatever else is
         in the batch). Rows that end leave the batch and the caches at once."""
@@ -225,8 +226,13 @@ class Decoder:
         sum_logprob = torch.zeros(rows.numel(), device=self.device)
         steps = self._steps(cache)
         generated = torch.full((rows.numel(), steps), self.t.eot, dtype=torch.long, device=self.device)
+        hold = None
+        if hold_s is not None and self.rules is not None:
+            hold = torch.tensor([-1 if h is None else int(h / SECONDS_PER_TOKEN) for h in hold_s], device=self.device)
         for step in range(steps):
             self._mask(logits, step, state)
+            if hold is not None:
+                self._hold(logits, state, hold[rows])
             if generators is None:
                 token, logprob = choose_greedy(logits)
             else:
@@ -245,6 +251,14 @@ class Decoder:
                 logits = self.net.decode(token[:, None], cache)
         seqs = generated.tolist()
         return [s[: s.index(self.t.eot)] if self.t.eot in s else s for s in seqs], sum_logprob.tolist()
+
+    def _hold(self, logits: torch.Tensor, state: RuleState, until: torch.Tensor) -> None:
+        """No end of text for a row that has just closed a segment before its `until` timestamp: it must open
+        the next one (passes: Whisper's early stop)."""
+        held = state.last_was_ts & (state.last_ts > 0) & (state.last_ts < until)
+        index = held.nonzero()[:, 0]
+        if index.numel():
+            logits[index, self.t.eot] = -math.inf
 
     def _beam(self, logits: torch.Tensor, cache: DecoderCache) -> tuple[list[list[int]], list[float]]:
         """Beam search, `beam_size` beams per chunk, over the same network and cache: each step every chunk

@@ -5,9 +5,13 @@
   or whose mean log-probability is below --logprob-threshold is decoded again at the next of --temperatures,
   sampling with a seed of its own; only the failing chunks go round again, batched with each other, and the
   no-speech rule still wins;
-- seek: Whisper often stops at the end of a segment well before the end of its chunk and drops the rest. As
-  in its own sequential decoding, such a chunk is decoded again from its last timestamp (once) when there is
-  sound after it; the second pass's segments are appended. On that pass the fallback watches for loops only,
+- hold: Whisper often stops well before the end of its chunk, after the timestamps that end one segment and
+  open the next, and leaves that segment to a next window (in its own sequential decoding the window that
+  starts there). Here the chunk ends at a pause, so while its last timestamp is more than 1 s before the
+  chunk's last sound, the end of text is refused after a timestamp (decoding.Decoder, greedy): Whisper goes on
+  to the end in the same pass, with the encoder output it already has;
+- seek: a chunk that still stops early (after text, or under beam search, which holds nothing) is decoded
+  again from its last timestamp (once) when there is sound after it; the second pass's segments are appended. On that pass the fallback watches for loops only,
   not for low log-probability: the tail is a few words padded with silence (in Whisper's own loop they would
   open the next window, with the audio after them), its short decoding scores around -1 whatever it says, and
   five more temperatures never found better text (benchmarks/features.py: 28% of the decode time, same WER).
@@ -30,6 +34,7 @@ from .decoding import Decoded, Decoder
 from .tokens import segments_from_tokens
 
 SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
+LOUD_FRAMES = 10  # 0.1 s: the mel frames averaged to tell sound from the chunk's floor
 
 
 @dataclass
@@ -55,7 +60,10 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
     n = len(durations)
     prompts, seeds = prompts or [None] * n, seeds or list(range(n))
     encoded = decoder.encode(feats)
-    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded)
+    hold = None
+    if opt.timestamps:
+        hold = [None if (end := _last_sound_s(feats[i], d)) is None else end - SEEK_SLACK_S for i, d in enumerate(durations)]
+    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded, hold=hold)
     out = _seek(decoder, feats, durations, decoded, prompts, seeds, text_of)
     if aligner is not None:
         _add_words(aligner, encoded, out, durations)
@@ -120,13 +128,16 @@ def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], d
 
 
 def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | None], prompts: list, seeds: list[int],
-                   text_of: Callable[[list[int]], str], encoded: Any = None, loops_only: bool = False) -> list[Decoded]:
+                   text_of: Callable[[list[int]], str], encoded: Any = None, loops_only: bool = False,
+                   hold: list[float | None] | None = None) -> list[Decoded]:
     """Decode at the first temperature; decode the chunks that fail again at each next one, together. A chunk
     that fails at every temperature keeps its best attempt: the likeliest among those that do not loop.
-    `loops_only`: only a loop counts as failing (the seek pass)."""
+    `loops_only`: only a loop counts as failing (the seek pass). `hold` (per chunk, see the module's rules)
+    holds the first decoding only: a chunk that failed is one Whisper is unsure of, and made to go on at a
+    higher temperature it loops (tiny.en on German speech) where left free it may find calm text."""
     opt = decoder.opt
     temperatures = opt.temperature_steps
-    results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded)
+    results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold)
     attempts = [[r] for r in results]
     for temperature in temperatures[1:]:
         redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of, loops_only)]
@@ -154,13 +165,26 @@ def _transcript(decoder: Decoder, d: Decoded, duration: float) -> ChunkTranscrip
 
 def _has_sound(feats: np.ndarray, from_s: float, to_s: float) -> bool:
     """Whether the chunk's mel frames between two times rise well above the chunk's quietest level."""
+    last = _last_loud_frame(feats, to_s)
+    return last is not None and last >= int(from_s * FRAMES_PER_S)
+
+
+def _last_sound_s(feats: np.ndarray, to_s: float) -> float | None:
+    """When the chunk's last sound (as _has_sound hears it) ends, in seconds; None where it has none."""
+    last = _last_loud_frame(feats, to_s)
+    return None if last is None else (last + LOUD_FRAMES) / FRAMES_PER_S
+
+
+def _last_loud_frame(feats: np.ndarray, to_s: float) -> int | None:
+    """The first frame of the chunk's last 0.1 s (before `to_s`) whose mean level is over halfway from the
+    chunk's quietest frame to its 90th percentile; None where there is none."""
     level = feats.mean(axis=0)[: int(to_s * FRAMES_PER_S)]
-    tail = level[int(from_s * FRAMES_PER_S) :]
-    if tail.size < 10:
-        return False
-    smooth = np.convolve(tail, np.full(10, 0.1), mode="valid")
+    if level.size < LOUD_FRAMES:
+        return None
+    smooth = np.convolve(level, np.full(LOUD_FRAMES, 1 / LOUD_FRAMES), mode="valid")
     floor, loud = float(level.min()), float(np.percentile(level, 90))
-    return float(smooth.max()) > floor + 0.5 * (loud - floor)
+    above = np.flatnonzero(smooth > floor + 0.5 * (loud - floor))
+    return int(above[-1]) if above.size else None
 
 
 def _shift(feats: np.ndarray, from_s: float) -> np.ndarray:

@@ -96,3 +96,21 @@ def test_the_seek_pass_falls_back_on_loops_only():
     assert _failed(unlikely, opt, text_of) and _failed(looping, opt, text_of)
     assert not _failed(unlikely, opt, text_of, loops_only=True) and _failed(looping, opt, text_of, loops_only=True)
     assert not _failed(silent, opt, text_of) and not _failed(silent, opt, text_of, loops_only=True)
+
+
+def test_the_end_of_text_is_held_only_after_a_timestamp_before_the_rows_hold():
+    """passes' hold: a row that has just written a timestamp (closing a segment, or opening the next one as
+    Whisper does before it stops early) may not end while that timestamp is before its hold; after text, at
+    the opening timestamp 0, at or past the hold, or without one, it may."""
+    from ray_whisper.decoding import RuleState
+
+    decoder = Decoder.__new__(Decoder)  # _hold needs only the special tokens
+    decoder.t = SPECIAL
+    yes, no = True, False
+    state = RuleState(torch.tensor([yes, yes, no, yes, yes, yes]), torch.tensor([no, yes, yes, no, yes, no]),
+                      torch.tensor([3, 3, 3, 5, 0, 3]))
+    until = torch.tensor([5, 5, 5, 5, 5, -1])
+    logits = torch.zeros(6, TINY["vocab_size"])
+    decoder._hold(logits, state, until)
+    assert torch.isinf(logits[:, SPECIAL.eot]).tolist() == [yes, yes, no, no, no, no]
+    assert logits[:, : SPECIAL.eot].eq(0).all() and logits[:, SPECIAL.eot + 1 :].eq(0).all()  # nothing else

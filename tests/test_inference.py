@@ -110,6 +110,28 @@ def test_speech_after_an_early_stop_is_recovered(greedy, speech_clips):
     assert ev.wer([ref], [text_of(greedy, r)]) <= 0.10
 
 
+def test_a_held_first_pass_goes_on_to_the_last_sound_where_whisper_would_stop_early(greedy, speech_clips):
+    """On the 29.5 s MIT-licence window tiny.en opens its last segment and ends the text ~4 s before the
+    speech ends (the premise); held until 1 s before the last sound, the same single pass, with the encoder
+    output it has, goes on and writes the last sentence."""
+    from ray_whisper.passes import _last_sound_s, _transcript
+
+    mit, ref = speech_clips[1]
+    feats = features.log_mel([mit], 80)
+    duration = mit.size / 16_000
+    last = _last_sound_s(feats[0], duration)
+    assert last is not None and last > duration - 1.5
+    (free,) = greedy.decoder(feats, [None])
+    (held,) = greedy.decoder(feats, [None], hold_s=[last - 1.0])
+    free_segments = _transcript(greedy.decoder, free, duration).segments
+    held_segments = _transcript(greedy.decoder, held, duration).segments
+    assert free_segments[-1][1] < last - 2.0, free_segments[-1]  # the premise: it stops early
+    assert held_segments[-1][1] >= last - 1.0, held_segments[-1]
+    text = "".join(greedy.tokenizer.decode(t) for _, _, t in held_segments)
+    assert "substantial portions of the software" in ev.normalize(text)
+    assert ev.wer([ref], [text]) <= 0.10
+
+
 def test_multilingual_model_detects_language_per_window(multilingual_model):
     from ray_whisper.audio import decode_all
 
@@ -241,23 +263,23 @@ def _max_repeats(text: str, n: int = 3) -> int:
 
 
 def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alone(bundled_model, speech_clips):
-    """tiny.en (English only) on the German half of multilingual.mp3 loops greedily ("some more defeation,
-    some more defeation, ..."); decoded again at higher temperatures, only that chunk changes, and the same
+    """tiny.en (English only) on the German half of multilingual.mp3 loops greedily ("... Tidat
+    Zuguhehehehehe..."); decoded again at higher temperatures, only that chunk changes, and the same
     way on every run (seeded sampling)."""
     from conftest import DATA
 
     from ray_whisper.audio import decode_all
     from ray_whisper.passes import compression_ratio
 
-    german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 60 * 16_000]
+    german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 55 * 16_000]
     jfk = speech_clips[0][0]
     feats = features.log_mel([german, jfk], 80)
-    args = ([None, None], [29.0, jfk.size / 16_000])
+    args = ([None, None], [24.0, jfk.size / 16_000])
     seeds = [11, 12]
     short = {"max_new_tokens": 96}  # a loop runs to the token limit; 96 tokens of it are loop enough, and 2x faster
     plain = Transcriber(bundled_model, DecodingOptions(temperatures="0", **short), cpu_threads=2)
     looped, jfk_plain = (text_of(plain, r) for r in plain.decode(feats, *args, seeds=seeds))
-    assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
+    assert compression_ratio(looped) > 2.4, looped  # the premise: it loops (Whisper's measure of a loop)
 
     fallback = Transcriber(bundled_model, DecodingOptions(**short), cpu_threads=2)
     first = fallback.decode(feats, *args, seeds=seeds)
