@@ -7,14 +7,15 @@
   no-speech rule still wins;
 - hold: Whisper often stops well before the end of its chunk, after the timestamps that end one segment and
   open the next, and leaves that segment to a next window (in its own sequential decoding the window that
-  starts there). Here the chunk ends at a pause, so while its last timestamp is more than 1 s before the
-  chunk's last sound, the end of text is refused after a timestamp (decoding.Decoder, greedy): Whisper goes on
-  to the end in the same pass, with the encoder output it already has;
-- seek: a chunk that still stops early (after text, or under beam search, which holds nothing) is decoded
-  again from its last timestamp (once) when there is sound after it; the second pass's segments are appended. On that pass the fallback watches for loops only,
-  not for low log-probability: the tail is a few words padded with silence (in Whisper's own loop they would
-  open the next window, with the audio after them), its short decoding scores around -1 whatever it says, and
-  five more temperatures never found better text (benchmarks/features.py: 28% of the decode time, same WER).
+  starts there). Here chunks are cut at pauses where there are any, so while a chunk's last timestamp is more
+  than 1 s before its last sound, the end of text is refused after a timestamp (decoding.Decoder, greedy):
+  Whisper goes on to the end in the same pass, with the encoder output it already has;
+- seek: a chunk that still stops early (after text, under beam search, which holds nothing, or at a fallback
+  temperature) is decoded again from its last timestamp (once) when there is sound after it; the second pass's
+  segments are appended. On that pass the fallback watches for loops only, not for low log-probability: the
+  tail is a few words padded with silence (in Whisper's own loop they would open the next window, with the
+  audio after them), its short decoding scores around -1 whatever it says, and five more temperatures never
+  found better text (benchmarks/features.py: 28% of the decode time, same WER).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
     encoded = decoder.encode(feats)
     hold = None
     if opt.timestamps:
-        hold = [None if (end := _last_sound_s(feats[i], d)) is None else end - SEEK_SLACK_S for i, d in enumerate(durations)]
+        ends = [_last_sound_s(feats[i], duration) for i, duration in enumerate(durations)]
+        hold = [None if end is None else end - SEEK_SLACK_S for end in ends]
     decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded, hold=hold)
     out = _seek(decoder, feats, durations, decoded, prompts, seeds, text_of)
     if aligner is not None:
