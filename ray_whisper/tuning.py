@@ -105,15 +105,17 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def quantize_linear(net: nn.Module, keep: tuple[str, ...] = ("proj_out",)) -> int:
     """--dtype int8: every nn.Linear of `net` but those named in `keep` replaced, in place, by PyTorch's
-    dynamically quantised int8 linear (int8 weights, activations quantised per call). The vocabulary
+    dynamically quantised int8 linear (int8 weights with a scale per output channel, activations quantised
+    per call). A scale per channel, not one per matrix: the decoder from memory on 32.6 min of speech went
+    from 2.47% WER to 1.98% (float32: 1.68%) at the same speed (stop 23). The vocabulary
     projection is kept in float32: it runs through the packed oneDNN product (network.vocabulary_logits),
     and quantising it too cost WER (tiny.en, 3 min of speech: 1.63% -> 1.83%) for ~9% more speed. Measured
     there: 6.4 s -> 4.6 s for the whole decode, at the same WER. Returns the number of layers quantised."""
     import warnings
 
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    spec = {name: default_dynamic_qconfig for name, m in net.named_modules() if isinstance(m, nn.Linear) and name not in keep}
+    spec = {name: per_channel_dynamic_qconfig for name, m in net.named_modules() if isinstance(m, nn.Linear) and name not in keep}
     with warnings.catch_warnings():  # torch.ao's eager quantisation says it moves to torchao; it still works
         warnings.simplefilter("ignore")
         quantize_dynamic(net, spec, dtype=torch.qint8, inplace=True)

@@ -293,13 +293,15 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
 
 def test_int8_transcribes_real_speech_as_float32_does_with_quantised_layers(bundled_model, greedy, speech_clips):
     """--dtype int8: every linear layer but the vocabulary projection is int8 (PyTorch's dynamic
-    quantisation), and the transcripts of real speech stay within a word or so of float32's."""
+    quantisation, a scale per output channel), and the transcripts of real speech stay within a word or so
+    of float32's."""
     import torch
 
     int8 = Transcriber(bundled_model, DecodingOptions(dtype="int8"), cpu_threads=2)
     linear = [m for m in int8.net.modules() if isinstance(m, torch.nn.Linear)]
     quantised = [m for m in int8.net.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     assert linear == [int8.net.proj_out] and len(quantised) > 20
+    assert {m.weight().qscheme() for m in quantised if type(m).__name__ == "Linear"} == {torch.per_channel_affine}
     feats = features.log_mel([a for a, _ in speech_clips], 80)
     durations = [a.size / 16_000 for a, _ in speech_clips]
     refs = [r for _, r in speech_clips]
