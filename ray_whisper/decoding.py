@@ -253,8 +253,9 @@ class Decoder:
         return [s[: s.index(self.t.eot)] if self.t.eot in s else s for s in seqs], sum_logprob.tolist()
 
     def _hold(self, logits: torch.Tensor, state: RuleState, until: torch.Tensor) -> None:
-        """No end of text for a row that has just closed a segment before its `until` timestamp: it must open
-        the next one (passes: Whisper's early stop)."""
+        """No end of text for a row whose last token is a timestamp (one closing a segment, or the one opening the
+        next, where Whisper stops early) before its `until` timestamp, and after the first: it must go on with
+        the next segment (passes: the hold)."""
         held = state.last_was_ts & (state.last_ts > 0) & (state.last_ts < until)
         index = held.nonzero()[:, 0]
         if index.numel():
