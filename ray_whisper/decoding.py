@@ -133,7 +133,7 @@ class Decoder:
 
     def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
                  temperature: float = 0.0, seeds: list[int] | None = None,
-                 encoded: torch.Tensor | None = None, hold_s: list[float] | None = None) -> list[Decoded]:
+                 encoded: torch.Tensor | None = None, hold_s: list[float | None] | None = None) -> list[Decoded]:
         """Decode (chunks, n_mels, 3000) features. Per chunk: its language (a code; None: detect it, English for
         English-only models; or the index of another chunk of the batch whose detected language it takes: a
         file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
@@ -214,7 +214,7 @@ class Decoder:
             self.rules.apply(logits, step, state)
 
     def _greedy(self, logits: torch.Tensor, cache: DecoderCache, temperature: float,
-                seeds: list[int], hold_s: list[float] | None = None) -> tuple[list[list[int]], list[float]]:
+                seeds: list[int], hold_s: list[float | None] | None = None) -> tuple[list[list[int]], list[float]]:
         """The likeliest token at every step, or at `temperature` > 0 a token sampled from the distribution
         sharpened or flattened by it, each row from its own seeded generator (the same sample whatever else is
         in the batch). Rows that end leave the batch and the caches at once."""

@@ -263,23 +263,23 @@ def _max_repeats(text: str, n: int = 3) -> int:
 
 
 def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alone(bundled_model, speech_clips):
-    """tiny.en (English only) on the German half of multilingual.mp3 loops greedily ("... Tidat
-    Zuguhehehehehe..."); decoded again at higher temperatures, only that chunk changes, and the same
+    """tiny.en (English only) on the German half of multilingual.mp3 loops greedily ("... soft wear
+    on t-d-t-t-t-t-t..."); decoded again at higher temperatures, only that chunk changes, and the same
     way on every run (seeded sampling)."""
     from conftest import DATA
 
     from ray_whisper.audio import decode_all
     from ray_whisper.passes import compression_ratio
 
-    german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 55 * 16_000]
+    german = decode_all((DATA / "multilingual.mp3").read_bytes())[32 * 16_000 : 50 * 16_000]
     jfk = speech_clips[0][0]
     feats = features.log_mel([german, jfk], 80)
-    args = ([None, None], [24.0, jfk.size / 16_000])
+    args = ([None, None], [18.0, jfk.size / 16_000])
     seeds = [11, 12]
     short = {"max_new_tokens": 96}  # a loop runs to the token limit; 96 tokens of it are loop enough, and 2x faster
     plain = Transcriber(bundled_model, DecodingOptions(temperatures="0", **short), cpu_threads=2)
     looped, jfk_plain = (text_of(plain, r) for r in plain.decode(feats, *args, seeds=seeds))
-    assert compression_ratio(looped) > 2.4, looped  # the premise: it loops (Whisper's measure of a loop)
+    assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
 
     fallback = Transcriber(bundled_model, DecodingOptions(**short), cpu_threads=2)
     first = fallback.decode(feats, *args, seeds=seeds)
