@@ -28,7 +28,8 @@ from .errors import MODEL_ERROR, row_error
 from .model import local_model_dir, model_files
 from .passes import ChunkTranscript, transcribe_chunks
 from .tokens import language_code, special_tokens
-from .tuning import ModelThread, keep_freed_memory, quantize_linear, resolve_dtype, run_at_normal_priority
+from .tuning import (ModelThread, cross_attention_dtype, keep_freed_memory, quantize_linear, resolve_dtype,
+                     run_at_normal_priority)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Transcriber:
         self.net = network.load(local_model_dir(model_path, options.revision), self.device, dtype)
         if options.dtype == "int8":
             quantize_linear(self.net)
+        self.net.cross_dtype = cross_attention_dtype(self.device, dtype)
         self.n_mels = self.net.dims.n_mels
         dims = self.net.dims  # without heads in the checkpoint: every head of the decoder's second half
         self.alignment_heads = generation.get("alignment_heads") or [
