@@ -291,6 +291,19 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     assert [text_of(fallback, r) for r in again] == [fixed, jfk_plain]  # reruns give the same output
 
 
+def _beside_float32(greedy, other, speech_clips) -> dict[str, tuple[float, list]]:
+    """The real speech clips decoded by the float32 greedy Transcriber and by `other` (another dtype):
+    {"float32" | "other": (corpus WER against the clips' references, result rows)}."""
+    feats = features.log_mel([a for a, _ in speech_clips], 80)
+    durations = [a.size / 16_000 for a, _ in speech_clips]
+    refs = [r for _, r in speech_clips]
+    out = {}
+    for name, tr in (("float32", greedy), ("other", other)):
+        rows = tr.decode(feats, [None] * len(durations), durations)
+        out[name] = (ev.wer(refs, [text_of(tr, r) for r in rows]), rows)
+    return out
+
+
 def test_int8_transcribes_real_speech_as_float32_does_with_quantised_layers(bundled_model, greedy, speech_clips):
     """--dtype int8: every linear layer but the vocabulary projection is int8 (PyTorch's dynamic
     quantisation, a scale per output channel), and the transcripts of real speech stay within a word or so
@@ -302,13 +315,8 @@ def test_int8_transcribes_real_speech_as_float32_does_with_quantised_layers(bund
     quantised = [m for m in int8.net.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     assert linear == [int8.net.proj_out] and len(quantised) > 20
     assert {m.weight().qscheme() for m in quantised if type(m).__name__ == "Linear"} == {torch.per_channel_affine}
-    feats = features.log_mel([a for a, _ in speech_clips], 80)
-    durations = [a.size / 16_000 for a, _ in speech_clips]
-    refs = [r for _, r in speech_clips]
-    wer = {}
-    for name, tr in (("float32", greedy), ("int8", int8)):
-        wer[name] = ev.wer(refs, [text_of(tr, r) for r in tr.decode(feats, [None, None], durations)])
-    assert wer["int8"] <= wer["float32"] + 0.02 and wer["int8"] <= 0.08, wer
+    wer = {name: w for name, (w, _) in _beside_float32(greedy, int8, speech_clips).items()}
+    assert wer["other"] <= wer["float32"] + 0.02 and wer["other"] <= 0.08, wer
 
 
 def test_bfloat16_on_cpu_transcribes_real_speech_as_float32_does(bundled_model, greedy, speech_clips):
@@ -319,16 +327,13 @@ def test_bfloat16_on_cpu_transcribes_real_speech_as_float32_does(bundled_model, 
 
     bf16 = Transcriber(bundled_model, DecodingOptions(dtype="bfloat16"), cpu_threads=2)
     assert {p.dtype for p in bf16.net.parameters()} == {torch.bfloat16}
-    feats = features.log_mel([a for a, _ in speech_clips], 80)
-    durations = [a.size / 16_000 for a, _ in speech_clips]
-    refs = [r for _, r in speech_clips]
-    wer = {}
-    for name, tr in (("float32", greedy), ("bfloat16", bf16)):
-        rows = tr.decode(feats, [None, None], durations)
-        wer[name] = ev.wer(refs, [text_of(tr, r) for r in rows])
-        for row, duration in zip(rows, durations):
+    decoded = _beside_float32(greedy, bf16, speech_clips)
+    for name, (_, rows) in decoded.items():
+        for row, (audio, _) in zip(rows, speech_clips):
+            duration = audio.size / 16_000
             assert row.segments and all(0 <= start < end <= duration + 0.5 for start, end, _ in row.segments), name
-    assert wer["bfloat16"] <= wer["float32"] + 0.02 and wer["bfloat16"] <= 0.08, wer
+    wer = {name: w for name, (w, _) in decoded.items()}
+    assert wer["other"] <= wer["float32"] + 0.02 and wer["other"] <= 0.08, wer
 
 
 def test_int8_on_a_gpu_is_refused_before_any_work():
