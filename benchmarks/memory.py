@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_long_wav(path: Path, minutes: float) -> float:
     """Loop the shared clips into a WAV, written piece by piece (this process never holds it whole)."""
     sys.path.insert(0, str(ROOT))
-    from ray_whisper.audio import decode_all
+    from ray_whisper.io.audio import decode_all
     from ray_whisper.constants import SAMPLE_RATE
 
     clips = [decode_all((ROOT / "tests/data" / n).read_bytes()) for n in ("jfk.flac", "multilingual.mp3")]
@@ -51,8 +51,8 @@ def measure(path: str) -> dict:
     """Run in a fresh process: peak RSS before and after streaming one file through the CPU stage."""
     import pyarrow as pa
 
-    from ray_whisper.chunking import ChunkGeometry
-    from ray_whisper.preprocess import chunk_batch
+    from ray_whisper.asr.chunking import ChunkGeometry
+    from ray_whisper.batch.cpu_stage import chunk_batch
 
     def run(p: str) -> int:
         rows = pa.table({"id": ["x"], "audio": [p], "language": [None]}, schema=pa.schema(

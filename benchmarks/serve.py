@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ray_whisper import evaluation as ev  # noqa: E402
-from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
 
@@ -50,10 +50,10 @@ def clips(n: int, folder: Path) -> list[Path]:
 
 
 def ceiling(paths: list[Path], threads: int, repeats: int) -> dict:
-    from ray_whisper import features
+    from ray_whisper.asr import features
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     audio = [decode_all(p.read_bytes()) for p in paths]
@@ -103,9 +103,9 @@ def endpoint(paths: list[Path], wait_s: float, max_batch: int | None, repeats: i
     from openai import OpenAI
     from ray import serve
 
-    from ray_whisper.cluster import connect
+    from ray_whisper.batch.cluster import connect
     from ray_whisper.config import ChunkOptions, DecodingOptions, ServeOptions
-    from ray_whisper.serve import build
+    from ray_whisper.serve.app import build
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ray_whisper import evaluation as ev  # noqa: E402
-from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.config import ChunkOptions  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
@@ -131,16 +131,16 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
 
 def _windows(paths: list[Path], chunks: ChunkOptions):
     """The pipeline's chunks of every file: (file index, samples), as its decode stage cuts them."""
-    from ray_whisper.chunking import iter_chunks
+    from ray_whisper.asr.chunking import iter_chunks
 
     geom = chunks.geometry()
     return [(i, a) for i, p in enumerate(paths) for _, a in iter_chunks([decode_all(p.read_bytes())], geom)]
 
 
 def _batch_size() -> int:
-    from ray_whisper import network
-    from ray_whisper.model import bundled_model_dir
-    from ray_whisper.resources import auto_batch_size
+    from ray_whisper.model import network
+    from ray_whisper.model.checkpoint import bundled_model_dir
+    from ray_whisper.model.resources import auto_batch_size
 
     return auto_batch_size(False, network.read_config(bundled_model_dir()))
 
@@ -151,8 +151,8 @@ def run_ceiling(paths: list[Path], threads: int, chunks: ChunkOptions) -> tuple[
     import torch
     from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
 
-    from ray_whisper import features
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.asr import features
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     torch.set_num_threads(threads)
     model = WhisperForConditionalGeneration.from_pretrained(str(bundled_model_dir()), attn_implementation="sdpa").eval()
@@ -174,10 +174,10 @@ def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
                 passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
     """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory. Counts
     into `passes` the windows its encoder ran on (first pass, second pass, fallbacks) and the chunks."""
-    from ray_whisper import features
+    from ray_whisper.asr import features
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     windows = _windows(paths, chunks)
@@ -225,13 +225,13 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path, chunks: Chunk
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_whisper import features
-    from ray_whisper.audio import fetch_bytes
-    from ray_whisper.chunking import iter_chunks
+    from ray_whisper.asr import features
+    from ray_whisper.io.audio import fetch_bytes
+    from ray_whisper.asr.chunking import iter_chunks
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.merge import ChunkResult, merge_chunks, to_text
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.asr.merge import ChunkResult, merge_chunks, to_text
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     geom = chunks.geometry()
     tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
@@ -276,7 +276,7 @@ def run_baseline(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     import torch
     from transformers import pipeline
 
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     torch.set_num_threads(threads)
     started = time.perf_counter()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ray_whisper import evaluation as ev  # noqa: E402
-from ray_whisper.audio import decode_all  # noqa: E402
+from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
 
@@ -43,11 +43,11 @@ def stages(path: Path, options, threads: int, model_dir: str | None = None) -> t
     its output row and the seconds it took (model load not included)."""
     import pyarrow as pa
 
-    from ray_whisper.assemble import Assembler
-    from ray_whisper.chunking import ChunkGeometry
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.model import bundled_model_dir
-    from ray_whisper.preprocess import chunk_batch
+    from ray_whisper.batch.assemble import Assembler
+    from ray_whisper.asr.chunking import ChunkGeometry
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.model.checkpoint import bundled_model_dir
+    from ray_whisper.batch.cpu_stage import chunk_batch
 
     tr = Transcriber(model_dir or str(bundled_model_dir()), options, cpu_threads=threads)
     manifest = pa.table({"id": ["x"], "audio": [str(path)], "language": [None], "prompt": [None]})

@@ -23,28 +23,28 @@ __version__ = "0.1.0"
 
 def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any):
     """Transcribe every row of `manifest` into Parquet under `output`; returns a Summary."""
-    from .pipeline import transcribe as _transcribe
+    from .batch.pipeline import transcribe as _transcribe
 
     return _transcribe(manifest, output, options, **overrides)
 
 
 def build_dataset(manifest: str, options: TranscribeOptions | None = None, **overrides: Any):
     """The lazy Ray Dataset of output rows, one per manifest row."""
-    from .pipeline import build_dataset as _build
+    from .batch.pipeline import build_dataset as _build
 
     return _build(manifest, options, **overrides)
 
 
 def read_results(output: str, storage_options: StorageOptions | None = None):
     """The output table of a finished run (one row per manifest row); raises if the run did not finish."""
-    from .output import read_results as _read
+    from .io.output import read_results as _read
 
     return _read(output, storage_options)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Summary":
-        from .report import Summary
+        from .batch.report import Summary
 
         return Summary
     raise AttributeError(name)

@@ -10,7 +10,7 @@ import sys
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from . import config
-from .cluster import connect
+from .batch.cluster import connect
 from .errors import Interrupted, RayWhisperError, redact
 
 TRANSCRIBE = """\
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         options = from_namespace(args)
         _quiet_ray_logging()
-        from .pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
+        from .batch.pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
 
         summary = transcribe(args.manifest, args.output, options)
     except Interrupted as e:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .io.export import export
 
     print(export(args.output, args.dest, _options(args, config.ExportOptions), _options(args, config.StorageOptions)))
     return 0
@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from .serve import build
+    from .serve.app import build
 
     decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
     options = _options(args, config.ServeOptions)

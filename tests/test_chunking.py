@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ray_whisper.constants import N_SAMPLES, SAMPLE_RATE
-from ray_whisper.chunking import ChunkGeometry, find_cut, iter_chunks, plan_chunks
+from ray_whisper.asr.chunking import ChunkGeometry, find_cut, iter_chunks, plan_chunks
 
 SR = SAMPLE_RATE
 GEOM = ChunkGeometry(stride=3 * SR)

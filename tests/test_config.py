@@ -297,7 +297,7 @@ def test_cli_process_fails_fast_and_never_imports_ray(tmp_path):
 
 
 def test_geometry_is_the_chunk_options_in_samples():
-    from ray_whisper.chunking import ChunkGeometry
+    from ray_whisper.asr.chunking import ChunkGeometry
 
     opts = TranscribeOptions(chunk_length_s=20.0, stride_length_s=1.0, search_length_s=5.0)
     assert opts.chunks.geometry() == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
@@ -323,7 +323,7 @@ def test_each_stage_gets_only_its_group():
     ({"word_timestamps": "ture"}, "word_timestamps='ture': expected true or false"),  # not silently off
 ])
 def test_serve_run_arguments_fail_clearly_before_any_replica(args, named):
-    from ray_whisper.serve import app
+    from ray_whisper.serve.app import app
 
     with pytest.raises(ConfigError, match=re.escape(named)):
         app(args)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ray_whisper import features, network
+from ray_whisper.asr import features
+from ray_whisper.model import network
 from ray_whisper.config import DecodingOptions
-from ray_whisper.decoding import Decoder
-from ray_whisper.tokens import SpecialTokens
+from ray_whisper.asr.decoding import Decoder
+from ray_whisper.asr.tokens import SpecialTokens
 
 # a vocabulary of 5 text tokens (0-4), then end of text and the control tokens, then 4 timestamps
 TINY = {"d_model": 16, "encoder_layers": 1, "encoder_attention_heads": 2, "decoder_layers": 2,
@@ -66,7 +67,7 @@ def test_beam_search_finds_the_best_sequence_of_an_exhaustive_search(seed):
 def test_a_chunk_decodes_the_same_alone_and_in_a_batch_whose_chunks_end_at_different_steps(bundled_model, speech_clips):
     """Beam search over a batch reorders and drops its chunks' rows as they end; every chunk's answer must be
     the one it gets decoded alone."""
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.asr.engine import Transcriber
 
     jfk, mit = speech_clips[0][0], speech_clips[1][0]
     audio = [jfk, mit, jfk[: 16_000 * 4], mit[16_000 * 10 :]]  # different lengths: they finish at different steps
@@ -85,8 +86,8 @@ def test_the_seek_pass_falls_back_on_loops_only():
     """A first pass falls back on a loop or on low log-probability; the seek pass (a chunk's tail, a few words
     padded with silence) only on a loop; a likely no-speech decoding on neither."""
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.decoding import Decoded
-    from ray_whisper.passes import _failed
+    from ray_whisper.asr.decoding import Decoded
+    from ray_whisper.asr.transcribe import _failed
 
     opt = DecodingOptions()
     texts = {1: "the tail of a sentence", 2: "again and " * 30}
@@ -102,7 +103,7 @@ def test_the_end_of_text_is_held_only_after_a_timestamp_before_the_rows_hold():
     """passes' hold: a row that has just written a timestamp (closing a segment, or opening the next one as
     Whisper does before it stops early) may not end while that timestamp is before its hold; after text, at
     the opening timestamp 0, at or past the hold, or without one, it may."""
-    from ray_whisper.decoding import RuleState
+    from ray_whisper.asr.decoding import RuleState
 
     decoder = Decoder.__new__(Decoder)  # _hold needs only the special tokens
     decoder.t = SPECIAL

@@ -12,9 +12,9 @@ import pysubs2
 import pytest
 
 from ray_whisper import cli, schema
-from ray_whisper import evaluation as ev
-from ray_whisper.output import OutputDir
-from ray_whisper.subtitles import MAX_CHARS, MAX_LINES, cues
+from ray_whisper.asr import evaluation as ev
+from ray_whisper.io.output import OutputDir
+from ray_whisper.io.subtitles import MAX_CHARS, MAX_LINES, cues
 
 from conftest import DATA, write_wav
 
@@ -62,11 +62,11 @@ def test_a_word_longer_than_a_line_gets_a_line_of_its_own():
 def finished_run(tmp_path_factory, speech_clips, bundled_model):
     """A committed OUTPUT_DIR holding real transcripts: a 2-minute file, jfk (under ids with folders), and an
     error row; made with the pipeline's own stages, without Ray."""
-    from ray_whisper.assemble import Assembler
-    from ray_whisper.chunking import ChunkGeometry
+    from ray_whisper.batch.assemble import Assembler
+    from ray_whisper.asr.chunking import ChunkGeometry
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.inference import Transcriber
-    from ray_whisper.preprocess import chunk_batch
+    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.batch.cpu_stage import chunk_batch
 
     root = tmp_path_factory.mktemp("export")
     long_audio, _ = ev.build_long_speech(speech_clips, 120, seed=5)
@@ -130,7 +130,7 @@ def test_export_refuses_an_unfinished_run_unless_asked(finished_run, tmp_path, c
 
 
 def test_an_id_that_would_leave_the_folder_is_skipped(tmp_path, caplog):
-    from ray_whisper.export import export
+    from ray_whisper.io.export import export
 
     out = OutputDir.open(str(tmp_path / "out"))
     ids = ["../escape", "/abs", "fine"]

@@ -19,8 +19,8 @@ import pytest
 
 import ray_whisper
 from ray_whisper import cli, schema
-from ray_whisper import evaluation as ev
-from ray_whisper.output import SUCCESS, IncompleteOutputError, OutputDir, read_results
+from ray_whisper.asr import evaluation as ev
+from ray_whisper.io.output import SUCCESS, IncompleteOutputError, OutputDir, read_results
 
 from conftest import DATA, write_wav
 
@@ -195,7 +195,7 @@ def test_a_local_ray_goes_away_with_a_killed_driver(tmp_path, ten_files):
     proc = start_cli(manifest, tmp_path / "out", {"RAY_ADDRESS": ""})
     wait_for_progress(proc, 1)
     family = [p for p in psutil.Process(proc.pid).children(recursive=True) if _running(p)
-              and "ray_whisper.cluster" not in " ".join(p.cmdline())]
+              and "ray_whisper.batch.cluster" not in " ".join(p.cmdline())]
     assert len(family) >= 4, family  # gcs, raylet, agents, workers
     os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer or `kill -9 <pid>` would
     proc.wait()

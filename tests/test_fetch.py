@@ -15,9 +15,9 @@ import pyarrow as pa
 import pytest
 
 from ray_whisper import schema
-from ray_whisper.chunking import ChunkGeometry
+from ray_whisper.asr.chunking import ChunkGeometry
 from ray_whisper.config import StorageOptions
-from ray_whisper.preprocess import chunk_batch
+from ray_whisper.batch.cpu_stage import chunk_batch
 
 from conftest import DATA
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_whisper import evaluation as ev
-from ray_whisper import features
+from ray_whisper.asr import evaluation as ev
+from ray_whisper.asr import features
 from ray_whisper.config import DecodingOptions
-from ray_whisper.decoding import RuleState, choose_greedy
-from ray_whisper.inference import Transcriber
+from ray_whisper.asr.decoding import RuleState, choose_greedy
+from ray_whisper.asr.engine import Transcriber
 
 from conftest import REFS
 
@@ -114,7 +114,7 @@ def test_a_held_first_pass_goes_on_to_the_last_sound_where_whisper_would_stop_ea
     """On the 29.5 s MIT-licence window tiny.en opens its last segment and ends the text ~4 s before the
     speech ends (the premise); held until 1 s before the last sound, the same single pass, with the encoder
     output it has, goes on and writes the last sentence."""
-    from ray_whisper.passes import _last_sound_s, _transcript
+    from ray_whisper.asr.transcribe import _last_sound_s, _transcript
 
     mit, ref = speech_clips[1]
     feats = features.log_mel([mit], 80)
@@ -133,7 +133,7 @@ def test_a_held_first_pass_goes_on_to_the_last_sound_where_whisper_would_stop_ea
 
 
 def test_multilingual_model_detects_language_per_window(multilingual_model):
-    from ray_whisper.audio import decode_all
+    from ray_whisper.io.audio import decode_all
 
     from conftest import DATA
 
@@ -152,7 +152,7 @@ def test_multilingual_model_detects_language_per_window(multilingual_model):
 
 RENICE = """
 import os, threading
-from ray_whisper.tuning import run_at_normal_priority
+from ray_whisper.model.runtime import run_at_normal_priority
 before = threading.Thread(target=threading.Event().wait, daemon=True)  # a thread that exists already
 before.start()
 print(os.getpriority(os.PRIO_PROCESS, 0), run_at_normal_priority())
@@ -189,10 +189,10 @@ def test_model_actor_undoes_ray_worker_niceness():
 ONE_MODEL_THREAD = """
 import os, sys, threading
 from concurrent.futures import ThreadPoolExecutor
-from ray_whisper import features
-from ray_whisper.audio import decode_all
+from ray_whisper.asr import features
+from ray_whisper.io.audio import decode_all
 from ray_whisper.config import DecodingOptions
-from ray_whisper.inference import Transcriber
+from ray_whisper.asr.engine import Transcriber
 tr = Transcriber(sys.argv[1], DecodingOptions(), cpu_threads=2)  # built on the main thread, as Ray Data does
 audio = decode_all(open(sys.argv[2], "rb").read())[: 5 * 16_000]
 feats = features.log_mel([audio], 80)
@@ -233,7 +233,7 @@ def test_a_prompt_moves_the_transcript_toward_the_prompted_spelling(greedy):
     """hotwords.mp3 says "ComfyUI"; unprompted tiny.en hears "comfyu eye"."""
     from conftest import DATA
 
-    hot = __import__("ray_whisper.audio", fromlist=["decode_all"]).decode_all((DATA / "hotwords.mp3").read_bytes())
+    hot = __import__("ray_whisper.io.audio", fromlist=["decode_all"]).decode_all((DATA / "hotwords.mp3").read_bytes())
     feats = features.log_mel([hot], 80)
     (plain,) = greedy.decode(feats, [None], [hot.size / 16_000])
     (prompted,) = greedy.decode(feats, [None], [hot.size / 16_000], prompts=["ComfyUI"])
@@ -268,8 +268,8 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     way on every run (seeded sampling)."""
     from conftest import DATA
 
-    from ray_whisper.audio import decode_all
-    from ray_whisper.passes import compression_ratio
+    from ray_whisper.io.audio import decode_all
+    from ray_whisper.asr.transcribe import compression_ratio
 
     german = decode_all((DATA / "multilingual.mp3").read_bytes())[32 * 16_000 : 50 * 16_000]
     jfk = speech_clips[0][0]
@@ -338,7 +338,7 @@ def test_bfloat16_on_cpu_transcribes_real_speech_as_float32_does(bundled_model, 
 
 def test_int8_on_a_gpu_is_refused_before_any_work():
     from ray_whisper.config import ConfigError, TranscribeOptions
-    from ray_whisper.tuning import resolve_dtype
+    from ray_whisper.model.runtime import resolve_dtype
 
     from ray_whisper.errors import ModelError
 

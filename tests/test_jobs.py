@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA, REFS
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 300
@@ -197,7 +197,7 @@ def test_working_dir_package_is_small(tmp_path):
     package = tmp_path / "pkg.zip"
     create_package(str(ROOT), package, include_gitignore=True)
     names = zipfile.ZipFile(package).namelist()
-    assert "jobs/transcribe.py" in names and "ray_whisper/pipeline.py" in names
+    assert "jobs/transcribe.py" in names and "ray_whisper/batch/pipeline.py" in names
     assert not [n for n in names if n.startswith(".git/") or "__pycache__" in n or ".egg-info" in n], names
     assert package.stat().st_size < 10 * 1024**2, f"{package.stat().st_size / 1e6:.1f} MB: extend .rayignore"
 

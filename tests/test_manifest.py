@@ -1,4 +1,4 @@
-"""Tests for ray_whisper.manifest: CSV / JSONL / Parquet manifests into (id, audio, language) strings,
+"""Tests for ray_whisper.io.manifest: CSV / JSONL / Parquet manifests into (id, audio, language) strings,
 default ids, relative paths, and ManifestErrors that name the file and say what is wrong."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_whisper.manifest import ManifestError, manifest_format, read_manifest, stable_id
+from ray_whisper.io.manifest import ManifestError, manifest_format, read_manifest, stable_id
 
 ROWS = [
     {"audio": "/data/a.wav", "id": "007", "language": "en"},

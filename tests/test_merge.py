@@ -3,8 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ray_whisper.tokens import SpecialTokens, segments_from_tokens
-from ray_whisper.merge import ChunkResult, TokenSegment, longest_common_run, merge_chunks, to_text
+from ray_whisper.asr.tokens import SpecialTokens, segments_from_tokens
+from ray_whisper.asr.merge import ChunkResult, TokenSegment, longest_common_run, merge_chunks, to_text
 
 WORDS = "the quick brown fox jumps over lazy dog and then runs far away into woods where nobody can see".split()
 VOCAB = {w: i for i, w in enumerate(WORDS)}

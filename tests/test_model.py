@@ -1,4 +1,4 @@
-"""Tests for ray_whisper.model: CT2 parsing, conversion, caching, resolution, and parity with ctranslate2.
+"""Tests for ray_whisper.model.checkpoint: CT2 parsing, conversion, caching, resolution, and parity with ctranslate2.
 
 The parity tests decode tests/data/jfk.flac greedily with ctranslate2 (on the original CT2 weights)
 and with transformers (on our converted weights), both fed the same log-mel features, and
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_whisper import model as rw_model
+from ray_whisper.model import checkpoint as rw_model
 from ray_whisper.config import BUNDLED_MODEL
-from ray_whisper.convert import convert_ctranslate2_whisper
-from ray_whisper.ct2 import read_ctranslate2_model
+from ray_whisper.model.convert import convert_ctranslate2_whisper
+from ray_whisper.model.ct2 import read_ctranslate2_model
 from ray_whisper.errors import ModelError
-from ray_whisper.model import COMPLETE_MARKER, bundled_model_dir, resolve_model
+from ray_whisper.model.checkpoint import COMPLETE_MARKER, bundled_model_dir, resolve_model
 
 DATA = Path(__file__).parent / "data"
 JFK = DATA / "jfk.flac"
@@ -216,10 +216,10 @@ def test_resolve_model_passthrough(tmp_path, monkeypatch):
 
 
 def test_import_is_light():
-    """Importing ray_whisper.model must not pull in torch/transformers (Ray workers import it)."""
+    """Importing ray_whisper.model.checkpoint must not pull in torch/transformers (Ray workers import it)."""
     code = (
         "import sys\n"
-        "import ray_whisper.model, ray_whisper.ct2, ray_whisper.convert\n"
+        "import ray_whisper.model.checkpoint, ray_whisper.model.ct2, ray_whisper.model.convert\n"
         "heavy = [m for m in ('torch', 'transformers', 'ctranslate2') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -406,7 +406,7 @@ def test_an_unreachable_hub_fails_in_seconds_saying_what_to_do(tmp_path, monkeyp
     import socket
     import threading
 
-    from ray_whisper.model import _probe_hub, model_files
+    from ray_whisper.model.checkpoint import _probe_hub, model_files
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

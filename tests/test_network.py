@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_whisper import features, network
+from ray_whisper.asr import features
+from ray_whisper.model import network
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +123,7 @@ def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_mode
 
     code = (
         "import sys, torch\n"
-        "from ray_whisper import network\n"
+        "from ray_whisper.model import network\n"
         "net = network.load(sys.argv[1])\n"
         "with torch.inference_mode():\n"
         "    cache = net.new_cache(net.encode(torch.zeros(1, 80, 3000)), 4)\n"
@@ -136,8 +137,8 @@ def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_mode
 ENCODE_FOUR_TIMES = """
 import resource, sys, torch
 from concurrent.futures import ThreadPoolExecutor
-from ray_whisper import network
-from ray_whisper.tuning import keep_freed_memory
+from ray_whisper.model import network
+from ray_whisper.model.runtime import keep_freed_memory
 if sys.argv[1] != "default":
     assert keep_freed_memory()
 torch.set_num_threads(2)
@@ -170,7 +171,7 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     import subprocess
     import sys
 
-    from ray_whisper.resources import CPU_ACTOR_ENV, model_actor_options
+    from ray_whisper.model.resources import CPU_ACTOR_ENV, model_actor_options
 
     env = os.environ | (CPU_ACTOR_ENV if mode == "thread-actor-env" else {})
     out = subprocess.run([sys.executable, "-c", ENCODE_FOUR_TIMES, mode, bundled_model], capture_output=True, text=True,
@@ -208,7 +209,7 @@ def test_bfloat16_cross_attention_cache_keeps_the_tokens(models, speech):
 
 
 def test_cross_attention_dtype_narrows_only_float32_on_cpu():
-    from ray_whisper.tuning import cross_attention_dtype
+    from ray_whisper.model.runtime import cross_attention_dtype
 
     assert cross_attention_dtype("cuda", torch.float16) is None
     assert cross_attention_dtype("cuda", torch.float32) is None

@@ -12,10 +12,10 @@ import pytest
 
 from ray_whisper import schema
 from ray_whisper.config import TranscribeOptions
-from ray_whisper.manifest import read_manifest
-from ray_whisper.output import OutputDir, read_results
-from ray_whisper.report import summarize
-from ray_whisper.storage import public_uri
+from ray_whisper.io.manifest import read_manifest
+from ray_whisper.io.output import OutputDir, read_results
+from ray_whisper.batch.report import summarize
+from ray_whisper.io.storage import public_uri
 
 
 def manifest(*ids: str) -> pa.Table:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 from ray_whisper import schema
 
 from audio_helpers import encode, wav_header_only
@@ -157,7 +157,7 @@ def features_run(tmp_path_factory, ray_session, bundled_model):
     out = root / "out"
     assert cli.main(["transcribe", str(manifest), str(out), "--word-timestamps"]) == 0
     assert cli.main(["export", str(out), str(root / "subs"), "--format", "srt,json"]) == 0
-    from ray_whisper.output import read_results
+    from ray_whisper.io.output import read_results
 
     return {r["id"]: r for r in read_results(str(out)).to_pylist()}, root / "subs"
 
@@ -180,7 +180,7 @@ def multilingual_run(tmp_path_factory, ray_session, multilingual_model):
     """One run of the multilingual base through Ray, translating (detection per file is the same step for
     both tasks; transcribing in the detected language and per-chunk detection: test_stages.py)."""
     from ray_whisper import cli
-    from ray_whisper.output import read_results
+    from ray_whisper.io.output import read_results
 
     root = tmp_path_factory.mktemp("multilingual")
     manifest = root / "m.csv"

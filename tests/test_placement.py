@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DATA, REFS
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 
 pytestmark = pytest.mark.slow
 

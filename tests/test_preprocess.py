@@ -4,9 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_whisper import features, schema
-from ray_whisper.chunking import ChunkGeometry
-from ray_whisper.preprocess import chunk_batch
+from ray_whisper.asr import features
+from ray_whisper import schema
+from ray_whisper.asr.chunking import ChunkGeometry
+from ray_whisper.batch.cpu_stage import chunk_batch
 from ray_whisper.schema import CHUNK_SCHEMA
 
 from conftest import write_wav

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ray_whisper.config import ConfigError, TranscribeOptions
-from ray_whisper.resources import CPU_ACTOR_ENV, model_actor_options, plan_resources
+from ray_whisper.model.resources import CPU_ACTOR_ENV, model_actor_options, plan_resources
 
 
 def plan(cluster, node_cpus=None, **options):
@@ -70,7 +70,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_fails_before_running():
 def test_autoscaling_cluster_with_gpu_nodes_at_zero_uses_the_given_pool_size(caplog):
     """cluster.yaml's GPU group starts at min_workers 0: at submit time the cluster has no GPU. With
     --max-actors the plan asks for GPU actors anyway, and the autoscaler launches nodes for them."""
-    with caplog.at_level(logging.WARNING, logger="ray_whisper.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="ray_whisper.batch.pipeline"):
         res = plan({"CPU": 0.0}, [0.0], gpus_per_actor=1, max_actors=8)
     assert (res.gpus_per_actor, res.min_actors, res.max_actors, res.batch_size) == (1, 1, 8, 32)
     assert "autoscaler" in caplog.text

@@ -32,10 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_whisper import cli, output, pipeline, schema, storage
-from ray_whisper.audio import fetch_bytes
+from ray_whisper import cli, schema
+from ray_whisper.io import output, storage
+from ray_whisper.batch import pipeline
+from ray_whisper.io.audio import fetch_bytes
 from ray_whisper.errors import FetchError, redact
-from ray_whisper.manifest import LISTING, ManifestError, manifest_format, read_manifest
+from ray_whisper.io.manifest import LISTING, ManifestError, manifest_format, read_manifest
 from ray_whisper.config import StorageOptions, TranscribeOptions
 
 from conftest import DATA, REFS, write_wav
@@ -246,7 +248,7 @@ def run_cli(args: list[str], monkeypatch, capsys, caplog) -> tuple[int, str, flo
         raise AssertionError("the model was resolved before the storage checks")
 
     monkeypatch.setattr(pipeline, "connect", no_ray)
-    monkeypatch.setattr("ray_whisper.model.resolve_model", no_model)
+    monkeypatch.setattr("ray_whisper.model.checkpoint.resolve_model", no_model)
     caplog.set_level(logging.INFO)
     started = time.perf_counter()
     code = cli.main(["transcribe", *args])
@@ -310,8 +312,8 @@ def test_right_credentials_read_and_write_and_a_denied_object_is_that_files_erro
     """The positive control of the test above, and the per-file case: with the reader's key the manifest
     reads and the output is writable, and the one object the policy denies becomes an error row, the
     exact code path of a decode task, while its neighbour decodes."""
-    from ray_whisper.chunking import ChunkGeometry
-    from ray_whisper.preprocess import _Collector, file_to_chunks
+    from ray_whisper.asr.chunking import ChunkGeometry
+    from ray_whisper.batch.cpu_stage import _Collector, file_to_chunks
 
     use_credentials(monkeypatch, private_s3["key_id"], private_s3["secret"])
     opts = private_s3["options"]
@@ -402,7 +404,7 @@ def test_the_driver_sees_parts_that_workers_wrote_after_it_listed(s3):
     see it, or a resume would redo rows that are done (s3fs caches listings by default)."""
     import s3fs
 
-    from ray_whisper.parts import marked_table
+    from ray_whisper.io.parts import marked_table
 
     opts, uri = s3["options"], f"s3://{OUT}/resume"
     worker = s3fs.S3FileSystem(endpoint_url=s3["url"], skip_instance_cache=True)  # another process's view
@@ -469,7 +471,7 @@ def test_s3_manifest_and_output_with_a_missing_key(cli_run, s3):
     assert sorted(rows) == sorted(s3["rows"])
     assert cli_run["table"].schema.equals(schema.OUTPUT_SCHEMA)
     ref = REFS["jfk.flac"]["text"]
-    from ray_whisper import evaluation as ev
+    from ray_whisper.asr import evaluation as ev
 
     for name in ("jfk-relative", "jfk-absolute"):
         assert rows[name]["status"] == "ok", rows[name]
@@ -520,7 +522,7 @@ def test_secret_never_printed_logged_or_written(cli_run, s3, ray_session):
 @pytest.mark.slow
 def test_glob_manifest_through_the_python_api(s3, ray_session, bundled_model):
     import ray_whisper
-    from ray_whisper import evaluation as ev
+    from ray_whisper.asr import evaluation as ev
 
     started = time.perf_counter()
     summary = ray_whisper.transcribe(f"s3://{IN}/calls/**/*.flac", f"s3://{OUT}/glob/", s3_endpoint_url=s3["url"])

@@ -20,7 +20,7 @@ import pysubs2
 import pytest
 import requests
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 from ray_whisper.config import ChunkOptions, DecodingOptions, ServeOptions
 
 from conftest import DATA, REFS, write_wav
@@ -44,7 +44,7 @@ def health(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_session, bundled_model):
-    """The app as `serve run ray_whisper.serve:app max_upload_mb=4 ...` builds it: the import path and text
+    """The app as `serve run ray_whisper.serve.app:app max_upload_mb=4 ...` builds it: the import path and text
     arguments through Serve's own builder call."""
     from ray import serve
     from ray._common.utils import import_attr
@@ -53,7 +53,7 @@ def server(ray_session, bundled_model):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"max_upload_mb": str(LIMIT_MB), "max-batch-size": "8", "batch_wait_timeout_s": "0.2"}
-    serve.run(call_user_app_builder_with_args_if_necessary(import_attr("ray_whisper.serve:app"), args),
+    serve.run(call_user_app_builder_with_args_if_necessary(import_attr("ray_whisper.serve.app:app"), args),
               name="rw-test", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     yield url
@@ -177,7 +177,7 @@ def test_a_model_failure_is_a_500_with_the_request_id_and_the_replica_goes_on(bu
     500, JSON, with the id; the next request works."""
     from starlette.requests import Request
 
-    from ray_whisper.serve import Service
+    from ray_whisper.serve.app import Service
 
     service = Service(bundled_model, "m", DecodingOptions(), ChunkOptions(), ServeOptions())
     prepared = requests.Request("POST", "http://x/v1/audio/transcriptions", files={"file": ("jfk.flac", JFK.read_bytes())},

@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ray_whisper import evaluation as ev
+from ray_whisper.asr import evaluation as ev
 from ray_whisper import schema
-from ray_whisper.assemble import Assembler
-from ray_whisper.chunking import ChunkGeometry
+from ray_whisper.batch.assemble import Assembler
+from ray_whisper.asr.chunking import ChunkGeometry
 from ray_whisper.config import DecodingOptions
 from ray_whisper.errors import ContractError
-from ray_whisper.preprocess import chunk_batch
+from ray_whisper.batch.cpu_stage import chunk_batch
 
 from conftest import DATA, REFS
 
@@ -29,7 +29,7 @@ def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def transcriber(bundled_model):
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.asr.engine import Transcriber
 
     return Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
 
@@ -119,7 +119,7 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
     """Per file (the default): English, from the first 30 s; the German chunk is decoded as English too, also
     when it reaches a model actor that never saw the first chunk (the language is detected again from the
     features every later row carries) and when it comes in a later batch than the first."""
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.asr.engine import Transcriber
 
     chunks = multilingual_rows
     assert chunks.num_rows >= 2 and chunks[schema.DETECT_INDEX].to_pylist() == [0] * chunks.num_rows
@@ -135,7 +135,7 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
 
 
 def test_per_chunk_languages_follow_code_switched_audio(multilingual_model, multilingual_rows):
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.asr.engine import Transcriber
 
     manifest = pa.table({schema.ID: ["mit"], schema.AUDIO: [str(DATA / "multilingual.mp3")], schema.LANGUAGE: [None],
                          schema.PROMPT: [None]})
@@ -150,11 +150,11 @@ def test_per_chunk_languages_follow_code_switched_audio(multilingual_model, mult
 
 
 def test_translate_turns_the_german_half_into_english(multilingual_model):
-    from ray_whisper.audio import decode_all
-    from ray_whisper.inference import Transcriber
+    from ray_whisper.io.audio import decode_all
+    from ray_whisper.asr.engine import Transcriber
 
     german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 60 * 16_000]
-    feats = __import__("ray_whisper.features", fromlist=["log_mel"]).log_mel([german], 80)
+    feats = __import__("ray_whisper.asr.features", fromlist=["log_mel"]).log_mel([german], 80)
     transcribed, translated = (
         Transcriber(multilingual_model, DecodingOptions(task=task), cpu_threads=2).decode(feats, [None], [29.0])[0]
         for task in ("transcribe", "translate")

@@ -14,11 +14,11 @@ import numpy as np
 
 from . import features
 from .chunking import iter_chunks
-from .config import ChunkOptions
-from .constants import SAMPLE_RATE
+from ..config import ChunkOptions
+from ..constants import SAMPLE_RATE
 from .merge import ChunkResult, merge_chunks, to_text
 
-SPELLING = Path(__file__).parent / "data" / "english_spelling.json"  # Whisper's English spelling map (MIT)
+SPELLING = Path(__file__).parents[1] / "data" / "english_spelling.json"  # Whisper's English spelling map (MIT)
 
 
 @lru_cache(maxsize=1)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 # ctranslate2 DataType enum order (include/ctranslate2/types.h, model_spec._dtype_to_type_id).
 _CT2_DTYPES: dict[int, str] = {

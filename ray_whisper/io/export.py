@@ -16,9 +16,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import schema, storage
-from .config import ExportOptions, StorageOptions
-from .errors import IncompleteOutputError, OutputError
+from .. import schema
+from . import storage
+from ..config import ExportOptions, StorageOptions
+from ..errors import IncompleteOutputError, OutputError
 from .output import OutputDir, read_results
 from .subtitles import render
 

@@ -19,16 +19,18 @@ import numpy as np
 import tokenizers
 import torch
 
-from . import features, network, schema
-from .config import DecodingOptions
-from .constants import SAMPLE_RATE
+from . import features
+from ..model import network
+from .. import schema
+from ..config import DecodingOptions
+from ..constants import SAMPLE_RATE
 from .alignment import WordAligner
 from .decoding import Decoder
-from .errors import MODEL_ERROR, row_error
-from .model import local_model_dir, model_files
-from .passes import ChunkTranscript, transcribe_chunks
+from ..errors import MODEL_ERROR, row_error
+from ..model.checkpoint import local_model_dir, model_files
+from .transcribe import ChunkTranscript, transcribe_chunks
 from .tokens import language_code, special_tokens
-from .tuning import (ModelThread, cross_attention_dtype, keep_freed_memory, quantize_linear, resolve_dtype,
+from ..model.runtime import (ModelThread, cross_attention_dtype, keep_freed_memory, quantize_linear, resolve_dtype,
                      run_at_normal_priority)
 
 log = logging.getLogger(__name__)

@@ -17,19 +17,20 @@ from typing import Any
 import pyarrow as pa
 import tokenizers
 
-from . import schema, storage
+from .. import schema
+from ..io import storage
 from .assemble import Assembler
 from .cluster import connect
-from .config import StorageOptions, TranscribeOptions
-from .errors import ConfigError, Interrupted, OutputError
-from .manifest import read_manifest
-from .model import model_files, resolve_model
-from .output import OutputDir, new_run_id
-from .parts import PartWriter
-from .preprocess import chunk_batch
+from ..config import StorageOptions, TranscribeOptions
+from ..errors import ConfigError, Interrupted, OutputError
+from ..io.manifest import read_manifest
+from ..model.checkpoint import model_files, resolve_model
+from ..io.output import OutputDir, new_run_id
+from ..io.parts import PartWriter
+from .cpu_stage import chunk_batch
 from .report import Progress, Summary, summarize
-from .resources import model_actor_options, plan_resources
-from .tokens import language_code, special_tokens
+from ..model.resources import model_actor_options, plan_resources
+from ..asr.tokens import language_code, special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class ModelStage:
     driver never imports torch (1.2-2 s before every run's dataset could start)."""
 
     def __init__(self, **kwargs: Any):
-        from .inference import Transcriber
+        from ..asr.engine import Transcriber
 
         self.transcriber = Transcriber(**kwargs)
 

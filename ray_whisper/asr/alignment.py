@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .constants import N_AUDIO_CTX, SECONDS_PER_TOKEN
-from .network import Whisper
+from ..constants import N_AUDIO_CTX, SECONDS_PER_TOKEN
+from ..model.network import Whisper
 from .tokens import SpecialTokens
 
 MEDIAN_WIDTH = 7  # frames of the median filter over the attention

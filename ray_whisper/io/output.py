@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema, storage
-from .assemble import error_row
-from .config import StorageOptions
-from .errors import LOST, IncompleteOutputError, OutputError, kind_of, row_error
+from .. import schema
+from . import storage
+from ..batch.assemble import error_row
+from ..config import StorageOptions
+from ..errors import LOST, IncompleteOutputError, OutputError, kind_of, row_error
 from .parts import PART_PREFIX, SCHEMA_VERSION, TEMP_PREFIX, PartWriter, read_part
 
 log = logging.getLogger(__name__)

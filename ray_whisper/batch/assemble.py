@@ -17,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import tokenizers
 
-from . import schema
-from .constants import SAMPLE_RATE
-from .errors import INTERNAL_ERROR, one_line, redact, row_error
-from .merge import ChunkResult, merge_chunks, to_text
-from .parts import PartWriter
-from .tokens import vote_language
+from .. import schema
+from ..constants import SAMPLE_RATE
+from ..errors import INTERNAL_ERROR, one_line, redact, row_error
+from ..asr.merge import ChunkResult, merge_chunks, to_text
+from ..io.parts import PartWriter
+from ..asr.tokens import vote_language
 
 
 @lru_cache(maxsize=2)

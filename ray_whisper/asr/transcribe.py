@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from .alignment import Word, WordAligner
-from .config import DecodingOptions
-from .constants import FRAMES_PER_S
+from ..config import DecodingOptions
+from ..constants import FRAMES_PER_S
 from .decoding import Decoded, Decoder
 from .tokens import segments_from_tokens
 

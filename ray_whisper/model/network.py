@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import DecoderCache
-from .model import WEIGHT_FILES
+from .kv_cache import DecoderCache
+from .checkpoint import WEIGHT_FILES
 
 
 

@@ -23,9 +23,9 @@ import urllib.request
 from functools import lru_cache
 from pathlib import Path
 
-from .config import BUNDLED_MODEL
+from ..config import BUNDLED_MODEL
 from .convert import convert_ctranslate2_whisper
-from .errors import ModelError, one_line
+from ..errors import ModelError, one_line
 
 # Bump when the converter output changes, so stale cache entries are not reused.
 CONVERTER_VERSION = "1"

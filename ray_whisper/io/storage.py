@@ -15,8 +15,8 @@ import urllib.parse
 from functools import lru_cache
 from typing import Any
 
-from .config import StorageOptions
-from .errors import redact
+from ..config import StorageOptions
+from ..errors import redact
 
 
 def protocol(uri: str) -> str:

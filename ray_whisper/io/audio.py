@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 
-from .constants import N_SAMPLES, SAMPLE_RATE
-from .errors import DecodeError, FetchError, FileError, NoAudioError, one_line, redact
+from ..constants import N_SAMPLES, SAMPLE_RATE
+from ..errors import DecodeError, FetchError, FileError, NoAudioError, one_line, redact
 from .storage import BACKOFF_S, FETCH_ATTEMPTS, network_failure, public_uri, strip
 
 T = TypeVar("T")

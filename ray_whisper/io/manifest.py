@@ -31,8 +31,8 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from . import schema
-from .errors import ManifestError, redact
+from .. import schema
+from ..errors import ManifestError, redact
 from .storage import describe_error, protocol, public_uri, strip
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ct2
-from .errors import ModelError
+from ..errors import ModelError
 
 # Whisper uses 20 ms timestamp steps; the vocabulary ends with <|0.00|> .. <|30.00|>.
 _TIME_PRECISION = 0.02

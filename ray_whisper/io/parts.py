@@ -16,8 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import schema, storage
-from .config import StorageOptions
+from .. import schema
+from . import storage
+from ..config import StorageOptions
 
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".rw-tmp-"  # a part being written (local disks); a run removes those its killed predecessors left

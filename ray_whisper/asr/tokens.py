@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import SECONDS_PER_TOKEN
-from .languages import LANGUAGE_CODES, LANGUAGE_NAMES
+from ..constants import SECONDS_PER_TOKEN
+from ..languages import LANGUAGE_CODES, LANGUAGE_NAMES
 
 
 @dataclass(frozen=True)

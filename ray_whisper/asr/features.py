@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .constants import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from ..constants import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 FEATURE_DTYPE = np.float16
 

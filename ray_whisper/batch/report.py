@@ -13,8 +13,8 @@ from typing import Any, TextIO
 
 import pyarrow as pa
 
-from . import schema
-from .output import error_counts
+from .. import schema
+from ..io.output import error_counts
 
 log = logging.getLogger(__name__)
 

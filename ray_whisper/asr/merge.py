@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .constants import SAMPLE_RATE
+from ..constants import SAMPLE_RATE
 
 MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
 

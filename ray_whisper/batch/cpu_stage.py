@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import features, schema, storage
-from .audio import decode_stream, open_audio
-from .chunking import Chunk, ChunkGeometry, is_silent, iter_chunks
-from .config import StorageOptions
-from .errors import INTERNAL_ERROR, TRUNCATED, DecodeError, FileError, row_error
+from ..asr import features
+from .. import schema
+from ..io import storage
+from ..io.audio import decode_stream, open_audio
+from ..asr.chunking import Chunk, ChunkGeometry, is_silent, iter_chunks
+from ..config import StorageOptions
+from ..errors import INTERNAL_ERROR, TRUNCATED, DecodeError, FileError, row_error
 
 CHUNKS_PER_BLOCK = 16  # about 8 MB of float16 features per yielded block
 FEATURE_GROUP = 8  # chunks whose log-mel is computed together

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ResourceOptions
-from .errors import ConfigError
+from ..config import ResourceOptions
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -30,21 +30,22 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.requests import ClientDisconnect
 
-from . import features, schema
-from .assemble import file_row
-from .audio import decode_all
-from .batching import BatchQueue
-from .chunking import is_silent, iter_chunks
-from .config import ChunkOptions, DecodingOptions, ServeOptions
-from .constants import SAMPLE_RATE
-from .errors import ConfigError, FileError, RayWhisperError
-from .inference import Transcriber, chunk_seed, token_rows
-from .languages import LANGUAGE_NAMES
-from .model import model_files, resolve_model
-from .passes import compression_ratio, transcribe_chunks
-from .resources import auto_batch_size, model_actor_options
-from .subtitles import render
-from .tokens import language_code
+from ..asr import features
+from .. import schema
+from ..batch.assemble import file_row
+from ..io.audio import decode_all
+from .queue import BatchQueue
+from ..asr.chunking import is_silent, iter_chunks
+from ..config import ChunkOptions, DecodingOptions, ServeOptions
+from ..constants import SAMPLE_RATE
+from ..errors import ConfigError, FileError, RayWhisperError
+from ..asr.engine import Transcriber, chunk_seed, token_rows
+from ..languages import LANGUAGE_NAMES
+from ..model.checkpoint import model_files, resolve_model
+from ..asr.transcribe import compression_ratio, transcribe_chunks
+from ..model.resources import auto_batch_size, model_actor_options
+from ..io.subtitles import render
+from ..asr.tokens import language_code
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import srt
 import webvtt
 
-from .config import EXPORT_FORMATS
+from ..config import EXPORT_FORMATS
 
 MAX_CHARS = 42  # per line
 MAX_LINES = 2  # per cue

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import DecodingOptions
-from .constants import MAX_INITIAL_TIMESTAMP_S, SECONDS_PER_TOKEN
-from .cache import DecoderCache
-from .network import Whisper
+from ..config import DecodingOptions
+from ..constants import MAX_INITIAL_TIMESTAMP_S, SECONDS_PER_TOKEN
+from ..model.kv_cache import DecoderCache
+from ..model.network import Whisper
 from .tokens import SpecialTokens
 
 

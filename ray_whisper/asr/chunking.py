@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+from ..constants import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 ENERGY_FRAME = HOP_LENGTH  # 10 ms frames for the loudness profile
 PAUSE_FRAMES = 10  # a pause is judged over 100 ms: shorter dips happen inside words
