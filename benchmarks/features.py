@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.words import corpus, stages  # noqa: E402
-from ray_whisper import evaluation as ev  # noqa: E402
+from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.config import DecodingOptions  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_whisper import evaluation as ev  # noqa: E402
+from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
@@ -52,22 +52,22 @@ def clips(n: int, folder: Path) -> list[Path]:
 def ceiling(paths: list[Path], threads: int, repeats: int) -> dict:
     from ray_whisper.asr import features
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.asr.engine import Engine
     from ray_whisper.model.checkpoint import bundled_model_dir
 
-    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
+    tr = Engine(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     audio = [decode_all(p.read_bytes()) for p in paths]
     feats = features.log_mel(audio, tr.n_mels)
     durations = [a.size / SAMPLE_RATE for a in audio]
-    tr.decode(feats[:2], [None] * 2, durations[:2])  # warm up
+    tr.transcribe(feats[:2], [None] * 2, durations[:2])  # warm up
     singles, batches = [], []
     for _ in range(repeats):  # interleaved; medians
         started = time.perf_counter()
         for i in range(len(paths)):
-            tr.decode(feats[i : i + 1], [None], durations[i : i + 1])
+            tr.transcribe(feats[i : i + 1], [None], durations[i : i + 1])
         singles.append(time.perf_counter() - started)
         started = time.perf_counter()
-        tr.decode(feats, [None] * len(paths), durations)
+        tr.transcribe(feats, [None] * len(paths), durations)
         batches.append(time.perf_counter() - started)
     one_by_one, together = float(np.median(singles)), float(np.median(batches))
     return {"one_at_a_time_s": one_by_one, "one_batch_s": together, "ratio": one_by_one / together}

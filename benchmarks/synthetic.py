@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import throughput as tp  # noqa: E402
 
-from ray_whisper import evaluation as ev  # noqa: E402
+from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.config import ChunkOptions  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402

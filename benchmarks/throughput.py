@@ -43,8 +43,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_whisper import evaluation as ev  # noqa: E402
+from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
+from ray_whisper.asr.chunking import ChunkGeometry  # noqa: E402
 from ray_whisper.config import ChunkOptions  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
@@ -133,7 +134,7 @@ def _windows(paths: list[Path], chunks: ChunkOptions):
     """The pipeline's chunks of every file: (file index, samples), as its decode stage cuts them."""
     from ray_whisper.asr.chunking import iter_chunks
 
-    geom = chunks.geometry()
+    geom = ChunkGeometry.of(chunks)
     return [(i, a) for i, p in enumerate(paths) for _, a in iter_chunks([decode_all(p.read_bytes())], geom)]
 
 
@@ -172,14 +173,14 @@ def run_ceiling(paths: list[Path], threads: int, chunks: ChunkOptions) -> tuple[
 
 def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
                 passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
-    """The pipeline's model stage without Ray: its Transcriber decoding the same windows from memory. Counts
+    """The pipeline's model stage without Ray: its Engine decoding the same windows from memory. Counts
     into `passes` the windows its encoder ran on (first pass, second pass, fallbacks) and the chunks."""
     from ray_whisper.asr import features
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.asr.engine import Engine
     from ray_whisper.model.checkpoint import bundled_model_dir
 
-    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
+    tr = Engine(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     windows = _windows(paths, chunks)
     feats = features.log_mel([a for _, a in windows], 80)
     durations = [a.size / SAMPLE_RATE for _, a in windows]
@@ -196,11 +197,11 @@ def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
     results = []
     started = time.perf_counter()
     for k in range(0, len(windows), batch):
-        results += tr.decode(feats[k : k + batch], [None] * len(feats[k : k + batch]), durations[k : k + batch])
+        results += tr.transcribe(feats[k : k + batch], [None] * len(feats[k : k + batch]), durations[k : k + batch])
     wall = time.perf_counter() - started
     texts = [""] * len(paths)
     for (i, _), r in zip(windows, results):
-        texts[i] += "".join(tr.tokenizer.decode(t) for _, _, t in r.segments)
+        texts[i] += "".join(tr.text(t) for _, _, t in r.segments)
     return wall, texts
 
 
@@ -229,12 +230,12 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path, chunks: Chunk
     from ray_whisper.io.audio import fetch_bytes
     from ray_whisper.asr.chunking import iter_chunks
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
-    from ray_whisper.asr.merge import ChunkResult, merge_chunks, to_text
+    from ray_whisper.asr.engine import Engine
+    from ray_whisper.asr.merge import merge_file
     from ray_whisper.model.checkpoint import bundled_model_dir
 
-    geom = chunks.geometry()
-    tr = Transcriber(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
+    geom = ChunkGeometry.of(chunks)
+    tr = Engine(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
     clock: dict[str, float] = dict.fromkeys(
         ["fetch", "decode+resample", "chunks", "features", "encoder", "decoder", "merge", "write"], 0.0)
 
@@ -258,14 +259,13 @@ def profile_stages(paths: list[Path], threads: int, workdir: Path, chunks: Chunk
     model_s = time.perf_counter()
     for k in range(0, len(todo), batch):
         part = todo[k : k + batch]
-        results += tr.decode(feats[k : k + batch], [None] * len(part), [a.size / SAMPLE_RATE for _, _, a in part])
+        results += tr.transcribe(feats[k : k + batch], [None] * len(part), [a.size / SAMPLE_RATE for _, _, a in part])
     clock["decoder"] = time.perf_counter() - model_s - clock["encoder"]
     rows = []
     t = time.perf_counter()
     for i in range(len(paths)):
-        chunks = [ChunkResult.from_samples(w.index, w.start, w.end, w.stride_left, w.stride_right, r.segments)
-                  for (j, w, _), r in zip(todo, results) if j == i]
-        text, _ = to_text(merge_chunks(chunks), lambda ids: tr.tokenizer.decode(list(ids)))
+        mine = [(w, r) for (j, w, _), r in zip(todo, results) if j == i]
+        text = merge_file([w for w, _ in mine], [r for _, r in mine], tr.text).text
         rows.append({"id": paths[i].stem, "text": text})
     clock["merge"] = time.perf_counter() - t
     timed("write", pq.write_table, pa.Table.from_pylist(rows), str(workdir / "profile.parquet"))
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
             "faster-whisper-int8": lambda: run_faster_whisper(paths, args.threads, "int8"),
             "pipeline-short": lambda: run_pipeline(short, work, flags),
             "faster-whisper-short": lambda: run_faster_whisper(short, args.threads),
-            # last: the pipeline's Transcriber sets this process's allocator (tuning.keep_freed_memory),
+            # last: the pipeline's Engine sets this process's allocator (tuning.keep_freed_memory),
             # which must not change the peers' runs
             "decoder": lambda: run_decoder(paths, args.threads, chunks, passes),
         }

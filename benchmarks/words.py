@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_whisper import evaluation as ev  # noqa: E402
+from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
 from ray_whisper.constants import SAMPLE_RATE  # noqa: E402
 
@@ -45,15 +45,15 @@ def stages(path: Path, options, threads: int, model_dir: str | None = None) -> t
 
     from ray_whisper.batch.assemble import Assembler
     from ray_whisper.asr.chunking import ChunkGeometry
-    from ray_whisper.asr.engine import Transcriber
     from ray_whisper.model.checkpoint import bundled_model_dir
     from ray_whisper.batch.cpu_stage import chunk_batch
+    from ray_whisper.batch.model_stage import ModelStage
 
-    tr = Transcriber(model_dir or str(bundled_model_dir()), options, cpu_threads=threads)
+    tr = ModelStage(model_dir or str(bundled_model_dir()), options, cpu_threads=threads)
     manifest = pa.table({"id": ["x"], "audio": [str(path)], "language": [None], "prompt": [None]})
     started = time.perf_counter()
-    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), tr.n_mels)))
-    assembler = Assembler(tr.tokenizer.to_str(), "m", "fp", word_timestamps=options.word_timestamps)
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), tr.engine.n_mels)))
+    assembler = Assembler(tr.engine.checkpoint, "m", "fp", word_timestamps=options.word_timestamps)
     rows = []
     for k in range(0, chunks.num_rows, 16):
         block = chunks.slice(k, 16)

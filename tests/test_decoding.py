@@ -67,12 +67,12 @@ def test_beam_search_finds_the_best_sequence_of_an_exhaustive_search(seed):
 def test_a_chunk_decodes_the_same_alone_and_in_a_batch_whose_chunks_end_at_different_steps(bundled_model, speech_clips):
     """Beam search over a batch reorders and drops its chunks' rows as they end; every chunk's answer must be
     the one it gets decoded alone."""
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.asr.engine import Engine
 
     jfk, mit = speech_clips[0][0], speech_clips[1][0]
     audio = [jfk, mit, jfk[: 16_000 * 4], mit[16_000 * 10 :]]  # different lengths: they finish at different steps
     feats = features.log_mel(audio, 80)
-    tr = Transcriber(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
+    tr = Engine(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
     together = tr.decoder(feats, [None] * len(audio))
     alone = [tr.decoder(feats[i : i + 1], [None])[0] for i in range(len(audio))]
     assert len({len(r.tokens) for r in together}) == len(audio)

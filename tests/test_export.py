@@ -65,17 +65,17 @@ def finished_run(tmp_path_factory, speech_clips, bundled_model):
     from ray_whisper.batch.assemble import Assembler
     from ray_whisper.asr.chunking import ChunkGeometry
     from ray_whisper.config import DecodingOptions
-    from ray_whisper.asr.engine import Transcriber
     from ray_whisper.batch.cpu_stage import chunk_batch
+    from ray_whisper.batch.model_stage import ModelStage
 
     root = tmp_path_factory.mktemp("export")
     long_audio, _ = ev.build_long_speech(speech_clips, 120, seed=5)
     paths = {"talks/long": write_wav(root / "long.wav", long_audio), "talks/2024/jfk": DATA / "jfk.flac",
              "broken": root / "missing.wav"}
     manifest = pa.table({"id": list(paths), "audio": [str(p) for p in paths.values()], "language": [None] * 3})
-    tr = Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
+    tr = ModelStage(bundled_model, DecodingOptions(), cpu_threads=2)
     chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80)))
-    rows = Assembler(tr.tokenizer.to_str(), "m", "fp")(tr({n: chunks[n].to_numpy(zero_copy_only=False) for n in chunks.column_names}))
+    rows = Assembler(tr.engine.checkpoint, "m", "fp")(tr({n: chunks[n].to_numpy(zero_copy_only=False) for n in chunks.column_names}))
     out = OutputDir.open(str(root / "out"))
     todo, done = out.begin(manifest, "fp", overwrite=False, retry_errors=False)
     part = out.writer("r1").write(rows.to_pylist())

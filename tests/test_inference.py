@@ -13,30 +13,29 @@ from ray_whisper.asr import evaluation as ev
 from ray_whisper.asr import features
 from ray_whisper.config import DecodingOptions
 from ray_whisper.asr.decoding import RuleState, choose_greedy
-from ray_whisper.asr.engine import Transcriber
+from ray_whisper.asr.engine import Engine
 
 from conftest import REFS
 
 pytestmark = pytest.mark.slow
 
 
-def text_of(transcriber, result) -> str:
-    tok = transcriber.tokenizer
-    return "".join(tok.decode(t) for _, _, t in result.segments)
+def text_of(engine, result) -> str:
+    return "".join(engine.text(t) for _, _, t in result.segments)
 
 
 @pytest.fixture(scope="module")
 def greedy(bundled_model):
-    return Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
+    return Engine(bundled_model, DecodingOptions(), cpu_threads=2)
 
 
 def test_greedy_and_beam_search_transcribe_real_speech(bundled_model, greedy, speech_clips):
     jfk, ref = speech_clips[0]
     feats = features.log_mel([jfk], 80)
-    (g,) = greedy.decode(feats, [None], [jfk.size / 16_000])
+    (g,) = greedy.transcribe(feats, [None], [jfk.size / 16_000])
     assert ev.wer([ref], [text_of(greedy, g)]) <= 0.05
-    beam = Transcriber(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
-    (b,) = beam.decode(feats, [None], [jfk.size / 16_000])
+    beam = Engine(bundled_model, DecodingOptions(beam_size=3), cpu_threads=2)
+    (b,) = beam.transcribe(feats, [None], [jfk.size / 16_000])
     assert ev.wer([ref], [text_of(beam, b)]) <= 0.05
     assert b.avg_logprob < 0 and g.avg_logprob < 0
     # segments are timed within the window and in order
@@ -95,7 +94,7 @@ def test_timestamp_rules_choose_as_transformers_logits_processor(greedy):
 def test_noise_alone_gives_no_text(greedy):
     """Whisper's no-speech rule: high no-speech probability and low confidence -> the window is silence."""
     noise = np.random.default_rng(0).normal(0, 0.01, 16_000 * 20).astype(np.float32)
-    (r,) = greedy.decode(features.log_mel([noise], 80), [None], [20.0])
+    (r,) = greedy.transcribe(features.log_mel([noise], 80), [None], [20.0])
     assert r.no_speech_prob > 0.5
     assert r.segments == []
 
@@ -104,7 +103,7 @@ def test_speech_after_an_early_stop_is_recovered(greedy, speech_clips):
     """A window whose decoding stops early gets a second pass from its last timestamp (as Whisper's
     sequential decoding seeks): the last sentence of a full 29.5 s window is not dropped."""
     mit, ref = speech_clips[1]
-    (r,) = greedy.decode(features.log_mel([mit], 80), [None], [mit.size / 16_000])
+    (r,) = greedy.transcribe(features.log_mel([mit], 80), [None], [mit.size / 16_000])
     hyp = ev.normalize(text_of(greedy, r))
     assert "substantial portions of the software" in hyp
     assert ev.wer([ref], [text_of(greedy, r)]) <= 0.10
@@ -127,7 +126,7 @@ def test_a_held_first_pass_goes_on_to_the_last_sound_where_whisper_would_stop_ea
     held_segments = _transcript(greedy.decoder, held, duration).segments
     assert free_segments[-1][1] < last - 2.0, free_segments[-1]  # the premise: it stops early
     assert held_segments[-1][1] >= last - 1.0, held_segments[-1]
-    text = "".join(greedy.tokenizer.decode(t) for _, _, t in held_segments)
+    text = "".join(greedy.text(t) for _, _, t in held_segments)
     assert "substantial portions of the software" in ev.normalize(text)
     assert ev.wer([ref], [text]) <= 0.10
 
@@ -139,13 +138,13 @@ def test_multilingual_model_detects_language_per_window(multilingual_model):
 
     audio = decode_all((DATA / "multilingual.mp3").read_bytes())
     english, german = audio[: int(29.5 * 16_000)], audio[31 * 16_000 : 60 * 16_000]
-    tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)
+    tr = Engine(multilingual_model, DecodingOptions(), cpu_threads=2)
     feats = features.log_mel([english, german], 80)
-    detected = tr.decode(feats, [None, None], [29.5, 29.0])
+    detected = tr.transcribe(feats, [None, None], [29.5, 29.0])
     assert [r.language for r in detected] == ["en", "de"]
     assert ev.wer([REFS["multilingual.mp3"]["text_en"]], [text_of(tr, detected[0])]) <= 0.15
     # one batch, two requested languages: each row is decoded with its own language token
-    forced = tr.decode(feats, ["en", "de"], [29.5, 29.0])
+    forced = tr.transcribe(feats, ["en", "de"], [29.5, 29.0])
     assert [r.language for r in forced] == ["en", "de"]
     assert "software" in ev.normalize(text_of(tr, forced[1]))
 
@@ -192,17 +191,17 @@ from concurrent.futures import ThreadPoolExecutor
 from ray_whisper.asr import features
 from ray_whisper.io.audio import decode_all
 from ray_whisper.config import DecodingOptions
-from ray_whisper.asr.engine import Transcriber
-tr = Transcriber(sys.argv[1], DecodingOptions(), cpu_threads=2)  # built on the main thread, as Ray Data does
+from ray_whisper.asr.engine import Engine
+tr = Engine(sys.argv[1], DecodingOptions(), cpu_threads=2)  # built on the main thread, as Ray Data does
 audio = decode_all(open(sys.argv[2], "rb").read())[: 5 * 16_000]
 feats = features.log_mel([audio], 80)
-tr.decode(feats, [None], [5.0])
+tr.transcribe(feats, [None], [5.0])
 threads = lambda: len(os.listdir("/proc/self/task"))
 before = threads()
 barrier = threading.Barrier(3)
 def call(_):
     barrier.wait()  # three caller threads alive at once
-    (result,) = tr.decode(feats, [None], [5.0])
+    (result,) = tr.transcribe(feats, [None], [5.0])
     return threading.get_ident(), len(result.segments)
 with ThreadPoolExecutor(3) as callers:
     done = list(callers.map(call, range(3)))
@@ -213,7 +212,7 @@ print(len({ident for ident, _ in done}), min(n for _, n in done), during - befor
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
 def test_the_model_runs_on_its_own_thread_whichever_threads_call_it(bundled_model):
-    """Ray Data builds the Transcriber on the actor's main thread and calls it from a pool thread, Serve from
+    """Ray Data builds the Engine on the actor's main thread and calls it from a pool thread, Serve from
     asyncio's executor threads. Each thread that runs a parallel torch op gets OpenMP workers of its own
     (one more per caller here, with 2 torch threads), and with more of them than cores libgomp's idle workers
     sleep at once instead of spinning (tuning.ModelThread). Three live callers must add only themselves."""
@@ -235,8 +234,8 @@ def test_a_prompt_moves_the_transcript_toward_the_prompted_spelling(greedy):
 
     hot = __import__("ray_whisper.io.audio", fromlist=["decode_all"]).decode_all((DATA / "hotwords.mp3").read_bytes())
     feats = features.log_mel([hot], 80)
-    (plain,) = greedy.decode(feats, [None], [hot.size / 16_000])
-    (prompted,) = greedy.decode(feats, [None], [hot.size / 16_000], prompts=["ComfyUI"])
+    (plain,) = greedy.transcribe(feats, [None], [hot.size / 16_000])
+    (prompted,) = greedy.transcribe(feats, [None], [hot.size / 16_000], prompts=["ComfyUI"])
     assert "ComfyUI" not in text_of(greedy, plain)
     assert text_of(greedy, prompted).count("ComfyUI") >= 1 and "comfyu eye" not in text_of(greedy, prompted).lower()
 
@@ -247,9 +246,9 @@ def test_rows_with_prompts_of_different_lengths_decode_as_they_would_alone(greed
     feats = features.log_mel([jfk, mit, jfk], 80)
     prompts = ["A speech by President Kennedy in 1961, about the duties of citizens.", None, "ComfyUI"]
     durations = [jfk.size / 16_000, mit.size / 16_000, jfk.size / 16_000]
-    together = greedy.decoder(feats, [None] * 3, [greedy._prompt_ids(p) for p in prompts])
+    together = greedy.decoder(feats, [None] * 3, [greedy.prompt_ids(p) for p in prompts])
     for i, p in enumerate(prompts):
-        (alone,) = greedy.decoder(feats[i : i + 1], [None], [greedy._prompt_ids(p)])
+        (alone,) = greedy.decoder(feats[i : i + 1], [None], [greedy.prompt_ids(p)])
         assert together[i].tokens == alone.tokens, i
         assert together[i].avg_logprob == pytest.approx(alone.avg_logprob, abs=1e-3)
         assert together[i].no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-4)
@@ -277,29 +276,29 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     args = ([None, None], [german.size / 16_000, jfk.size / 16_000])
     seeds = [11, 12]
     short = {"max_new_tokens": 96}  # a loop runs to the token limit; 96 tokens of it are loop enough, and 2x faster
-    plain = Transcriber(bundled_model, DecodingOptions(temperatures="0", **short), cpu_threads=2)
-    looped, jfk_plain = (text_of(plain, r) for r in plain.decode(feats, *args, seeds=seeds))
+    plain = Engine(bundled_model, DecodingOptions(temperatures="0", **short), cpu_threads=2)
+    looped, jfk_plain = (text_of(plain, r) for r in plain.transcribe(feats, *args, seeds=seeds))
     assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
 
-    fallback = Transcriber(bundled_model, DecodingOptions(**short), cpu_threads=2)
-    first = fallback.decode(feats, *args, seeds=seeds)
+    fallback = Engine(bundled_model, DecodingOptions(**short), cpu_threads=2)
+    first = fallback.transcribe(feats, *args, seeds=seeds)
     fixed = text_of(fallback, first[0])
     assert first[0].temperature > 0 and compression_ratio(fixed) < compression_ratio(looped) / 2
     assert _max_repeats(fixed) <= 2, fixed
     assert first[1].temperature == 0 and text_of(fallback, first[1]) == jfk_plain  # untouched
-    again = fallback.decode(feats, *args, seeds=seeds)
+    again = fallback.transcribe(feats, *args, seeds=seeds)
     assert [text_of(fallback, r) for r in again] == [fixed, jfk_plain]  # reruns give the same output
 
 
 def _beside_float32(greedy, other, speech_clips) -> dict[str, tuple[float, list]]:
-    """The real speech clips decoded by the float32 greedy Transcriber and by `other` (another dtype):
+    """The real speech clips decoded by the float32 greedy Engine and by `other` (another dtype):
     {"float32" | "other": (corpus WER against the clips' references, result rows)}."""
     feats = features.log_mel([a for a, _ in speech_clips], 80)
     durations = [a.size / 16_000 for a, _ in speech_clips]
     refs = [r for _, r in speech_clips]
     out = {}
     for name, tr in (("float32", greedy), ("other", other)):
-        rows = tr.decode(feats, [None] * len(durations), durations)
+        rows = tr.transcribe(feats, [None] * len(durations), durations)
         out[name] = (ev.wer(refs, [text_of(tr, r) for r in rows]), rows)
     return out
 
@@ -310,7 +309,7 @@ def test_int8_transcribes_real_speech_as_float32_does_with_quantised_layers(bund
     of float32's."""
     import torch
 
-    int8 = Transcriber(bundled_model, DecodingOptions(dtype="int8"), cpu_threads=2)
+    int8 = Engine(bundled_model, DecodingOptions(dtype="int8"), cpu_threads=2)
     linear = [m for m in int8.net.modules() if isinstance(m, torch.nn.Linear)]
     quantised = [m for m in int8.net.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
     assert linear == [int8.net.proj_out] and len(quantised) > 20
@@ -325,7 +324,7 @@ def test_bfloat16_on_cpu_transcribes_real_speech_as_float32_does(bundled_model, 
     float32's, with timestamps inside each window."""
     import torch
 
-    bf16 = Transcriber(bundled_model, DecodingOptions(dtype="bfloat16"), cpu_threads=2)
+    bf16 = Engine(bundled_model, DecodingOptions(dtype="bfloat16"), cpu_threads=2)
     assert {p.dtype for p in bf16.net.parameters()} == {torch.bfloat16}
     decoded = _beside_float32(greedy, bf16, speech_clips)
     for name, (_, rows) in decoded.items():

@@ -106,7 +106,7 @@ def test_every_package_the_code_imports_comes_with_a_plain_install():
         todo += requirements(req)
     names = {name for name, _ in brought}
     providers = md.packages_distributions()
-    for path in sorted((ROOT / "ray_whisper").glob("*.py")):
+    for path in sorted((ROOT / "ray_whisper").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules = [a.name for a in node.names]

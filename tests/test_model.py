@@ -406,7 +406,7 @@ def test_an_unreachable_hub_fails_in_seconds_saying_what_to_do(tmp_path, monkeyp
     import socket
     import threading
 
-    from ray_whisper.model.checkpoint import _probe_hub, model_files
+    from ray_whisper.model.checkpoint import Checkpoint, _probe_hub
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -423,7 +423,7 @@ def test_an_unreachable_hub_fails_in_seconds_saying_what_to_do(tmp_path, monkeyp
     _probe_hub.cache_clear()
     started = time.monotonic()
     with pytest.raises(ModelError) as ei:
-        model_files("openai/whisper-tiny")
+        Checkpoint.load("openai/whisper-tiny")
     elapsed = time.monotonic() - started
     message = str(ei.value)
     assert elapsed < 8, elapsed

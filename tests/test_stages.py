@@ -29,20 +29,20 @@ def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def transcriber(bundled_model):
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.batch.model_stage import ModelStage
 
-    return Transcriber(bundled_model, DecodingOptions(), cpu_threads=2)
+    return ModelStage(bundled_model, DecodingOptions(), cpu_threads=2)
 
 
 def test_each_stage_takes_the_previous_stages_rows(transcriber, tmp_path):
     manifest = pa.table({schema.ID: ["jfk", "gone"], schema.AUDIO: [str(DATA / "jfk.flac"), str(tmp_path / "gone.wav")],
                          schema.LANGUAGE: [None, None]})
-    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), transcriber.n_mels)))
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), transcriber.engine.n_mels)))
     assert chunks.schema.equals(schema.CHUNK_SCHEMA)
     tokens = transcriber(numpy_batch(chunks))
     assert set(tokens) == set(schema.TOKEN_COLUMNS)
     assert all(len(v) == chunks.num_rows for v in tokens.values())
-    assembler = Assembler(transcriber.tokenizer.to_str(), "m", "fp")
+    assembler = Assembler(transcriber.engine.checkpoint, "m", "fp")
     order = np.random.default_rng(0).permutation(chunks.num_rows)  # the actor may see a file's chunks in any order
     halves = [order[: len(order) // 2], order[len(order) // 2 :]]
     tables = [assembler({k: np.asarray(v, dtype=object)[h] for k, v in tokens.items()}) for h in halves]
@@ -58,12 +58,12 @@ def test_each_stage_takes_the_previous_stages_rows(transcriber, tmp_path):
 def test_a_stage_without_the_columns_it_needs_says_which(transcriber):
     chunks = pa.concat_tables(list(chunk_batch(
         pa.table({schema.ID: ["jfk"], schema.AUDIO: [str(DATA / "jfk.flac")], schema.LANGUAGE: [None]}),
-        ChunkGeometry(), transcriber.n_mels)))
+        ChunkGeometry(), transcriber.engine.n_mels)))
     with pytest.raises(ContractError, match="model stage got rows without features"):
         transcriber(numpy_batch(chunks.drop_columns([schema.FEATURES])))
     tokens = transcriber(numpy_batch(chunks))
     with pytest.raises(ContractError, match="assemble stage got rows without seg_tokens"):
-        Assembler(transcriber.tokenizer.to_str(), "m", "fp")({k: v for k, v in tokens.items() if k != schema.SEG_TOKENS})
+        Assembler(transcriber.engine.checkpoint, "m", "fp")({k: v for k, v in tokens.items() if k != schema.SEG_TOKENS})
     with pytest.raises(ContractError, match="audio"):
         list(chunk_batch(pa.table({schema.ID: ["x"]}), ChunkGeometry(), 80))
 
@@ -72,9 +72,9 @@ def transcribe_files(transcriber, paths: list) -> dict[str, dict]:
     """Files through the three stages in this process; output rows by id (the file names' stems)."""
     manifest = pa.table({schema.ID: [p.stem for p in paths], schema.AUDIO: [str(p) for p in paths],
                          schema.LANGUAGE: [None] * len(paths)})
-    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), transcriber.n_mels)))
+    chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), transcriber.engine.n_mels)))
     tokens = transcriber(numpy_batch(chunks))
-    table = Assembler(transcriber.tokenizer.to_str(), "m", "fp")(tokens)
+    table = Assembler(transcriber.engine.checkpoint, "m", "fp")(tokens)
     return {r[schema.ID]: r for r in table.to_pylist()}
 
 
@@ -109,7 +109,7 @@ def multilingual_rows(multilingual_model):
 
 
 def assemble(transcriber, batches) -> dict:
-    assembler = Assembler(transcriber.tokenizer.to_str(), "m", "fp")
+    assembler = Assembler(transcriber.engine.checkpoint, "m", "fp")
     rows = [r for b in batches for r in assembler(transcriber(numpy_batch(b))).to_pylist()]
     assert len(rows) == 1
     return rows[0]
@@ -119,7 +119,7 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
     """Per file (the default): English, from the first 30 s; the German chunk is decoded as English too, also
     when it reaches a model actor that never saw the first chunk (the language is detected again from the
     features every later row carries) and when it comes in a later batch than the first."""
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.batch.model_stage import ModelStage
 
     chunks = multilingual_rows
     assert chunks.num_rows >= 2 and chunks[schema.DETECT_INDEX].to_pylist() == [0] * chunks.num_rows
@@ -127,7 +127,7 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
     for order in ([chunks], [chunks.slice(1), chunks.slice(0, 1)], [chunks.slice(0, 1), chunks.slice(1)]):
         # a fresh actor: knows no file. Greedy only: the German half decoded as English trips the fallback,
         # which is not what this test is about (tests/test_inference.py tests it), and costs it ~40 s
-        tr = Transcriber(multilingual_model, DecodingOptions(temperatures="0"), cpu_threads=2)
+        tr = ModelStage(multilingual_model, DecodingOptions(temperatures="0"), cpu_threads=2)
         row = assemble(tr, order)
         assert row[schema.LANGUAGE] == "en" and row[schema.LANGUAGE_PROBABILITY] > 0.9
         assert {s["language"] for s in row[schema.SEGMENTS]} == {"en"}
@@ -135,13 +135,13 @@ def test_a_files_language_is_detected_once_and_every_chunk_is_decoded_in_it(mult
 
 
 def test_per_chunk_languages_follow_code_switched_audio(multilingual_model, multilingual_rows):
-    from ray_whisper.asr.engine import Transcriber
+    from ray_whisper.batch.model_stage import ModelStage
 
     manifest = pa.table({schema.ID: ["mit"], schema.AUDIO: [str(DATA / "multilingual.mp3")], schema.LANGUAGE: [None],
                          schema.PROMPT: [None]})
     chunks = pa.concat_tables(list(chunk_batch(manifest, ChunkGeometry(), 80, detect_language=False)))
     assert chunks[schema.DETECT_INDEX].to_pylist() == [-1] * chunks.num_rows
-    tr = Transcriber(multilingual_model, DecodingOptions(language_per_chunk=True), cpu_threads=2)
+    tr = ModelStage(multilingual_model, DecodingOptions(language_per_chunk=True), cpu_threads=2)
     row = assemble(tr, [chunks])
     languages = [s["language"] for s in row[schema.SEGMENTS]]
     assert languages[0] == "en" and languages[-1] == "de"
@@ -150,18 +150,15 @@ def test_per_chunk_languages_follow_code_switched_audio(multilingual_model, mult
 
 
 def test_translate_turns_the_german_half_into_english(multilingual_model):
+    from ray_whisper.asr.engine import Engine
     from ray_whisper.io.audio import decode_all
-    from ray_whisper.asr.engine import Transcriber
 
     german = decode_all((DATA / "multilingual.mp3").read_bytes())[31 * 16_000 : 60 * 16_000]
     feats = __import__("ray_whisper.asr.features", fromlist=["log_mel"]).log_mel([german], 80)
-    transcribed, translated = (
-        Transcriber(multilingual_model, DecodingOptions(task=task), cpu_threads=2).decode(feats, [None], [29.0])[0]
-        for task in ("transcribe", "translate")
-    )
-    tr = Transcriber(multilingual_model, DecodingOptions(), cpu_threads=2)
-    german_text = ev.normalize("".join(tr._text(t) for _, _, t in transcribed.segments))
-    english_text = ev.normalize("".join(tr._text(t) for _, _, t in translated.segments))
+    tr = Engine(multilingual_model, DecodingOptions(), cpu_threads=2)  # one engine, a task per call
+    transcribed, translated = (tr.transcribe(feats, [None], [29.0], task=task)[0] for task in ("transcribe", "translate"))
+    german_text = ev.normalize("".join(tr.text(t) for _, _, t in transcribed.segments))
+    english_text = ev.normalize("".join(tr.text(t) for _, _, t in translated.segments))
     assert transcribed.language == translated.language == "de"
     assert "software" in german_text and "dokumentationsdateien" in german_text  # German, as spoken
     german_words, english_words = {"der", "die", "und", "das", "zu", "mit", "ist"}, {"the", "and", "to", "of", "with"}

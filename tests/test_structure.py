@@ -39,7 +39,10 @@ def own_imports(name: str, path: Path, top_level_only: bool) -> set[str]:
     known = set(modules())
     package = name.split(".")[:-1]
     tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = list(ast.walk(tree))
+    if top_level_only:  # the module's own statements, and its imports for type checkers only
+        typing_only = [n.body for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]
+        nodes = tree.body + [n for body in typing_only for n in body]
     found = set()
     for node in nodes:
         if not isinstance(node, ast.ImportFrom) or node.level == 0:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..constants import N_AUDIO_CTX, SECONDS_PER_TOKEN
 from ..model.network import Whisper
+from .merge import Word
 from .tokens import SpecialTokens
 
 MEDIAN_WIDTH = 7  # frames of the median filter over the attention
@@ -27,15 +27,6 @@ PREPEND = "\"'“¿([{-"  # punctuation that belongs to the word after it
 APPEND = "\"'.。,，!！?？:：”)]}、"  # ... and to the word before it
 SENTENCE_END = ".。!！?？"
 UNSPACED = {"zh", "ja", "th", "lo", "my", "yue"}  # written without spaces: one word per character
-
-
-@dataclass(frozen=True)
-class Word:
-    word: str  # as spoken, with its leading space and attached punctuation
-    start: float  # seconds from the chunk's start
-    end: float
-    probability: float
-    tokens: int  # how many text tokens it spans
 
 
 def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,11 +14,13 @@ Geometry uses the transformers ASR pipeline's convention: a chunk spans [start, 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import ChunkOptions
 from ..constants import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 ENERGY_FRAME = HOP_LENGTH  # 10 ms frames for the loudness profile
@@ -50,6 +52,11 @@ class ChunkGeometry:
         length = round(chunk_length_s * SAMPLE_RATE)
         search = round((search_s if search_s is not None else min(8.0, chunk_length_s / 3)) * SAMPLE_RATE)
         return cls(length=length, search=search, stride=round(stride_length_s * SAMPLE_RATE))
+
+    @classmethod
+    def of(cls, options: ChunkOptions) -> "ChunkGeometry":
+        """The chunk options (--chunk-length-s, ...) in samples."""
+        return cls.from_seconds(options.chunk_length_s, options.stride_length_s, options.search_length_s)
 
 
 @dataclass(frozen=True)
@@ -144,3 +151,8 @@ def iter_chunks(pieces: Iterable[np.ndarray], geom: ChunkGeometry) -> Iterator[t
 def plan_chunks(audio: np.ndarray, geom: ChunkGeometry) -> list[Chunk]:
     """The chunks of a whole in-memory file (tests and the benchmark's engine ceiling)."""
     return [c for c, _ in iter_chunks([audio], geom)]
+
+
+def chunk_seed(source: str, index: int) -> int:
+    """The sampling seed of a file's chunk (`source` names the file): the same on every run and in every batch."""
+    return int.from_bytes(hashlib.sha256(f"{source}\0{index}".encode()).digest()[:4], "little")

@@ -139,7 +139,7 @@ class Decoder:
         file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
         text: names, jargon, earlier text) and, when `temperature` > 0 (sampling instead of the likeliest
         token), the seed that makes its sample repeatable, and the time (seconds; None: none) before which a
-        greedy decoding may not end after a timestamp (passes: the hold)."""
+        greedy decoding may not end after a timestamp (asr.transcribe: the hold)."""
         net = self.net
         beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
         encoded = self.encode(feats) if encoded is None else encoded
@@ -255,7 +255,7 @@ class Decoder:
     def _hold(self, logits: torch.Tensor, state: RuleState, until: torch.Tensor) -> None:
         """No end of text for a row whose last token is a timestamp (one closing a segment, or the one opening the
         next, where Whisper stops early) before its `until` timestamp, and after the first: it must go on with
-        the next segment (passes: the hold)."""
+        the next segment (asr.transcribe: the hold)."""
         held = state.last_was_ts & (state.last_ts > 0) & (state.last_ts < until)
         index = held.nonzero()[:, 0]
         if index.numel():

@@ -1,6 +1,6 @@
 """Scoring and test material shared by the tests and the benchmark: WER after Whisper's English
 normalisation, long speech built by concatenating real clips, WAV files of it, and in-memory transcription of
-one array with the pipeline's own windows, decoder and merge (no Ray, no I/O)."""
+one array with the batch job's own chunks, engine and merge (no Ray, no I/O)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,17 @@ import json
 import wave
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import features
-from .chunking import iter_chunks
 from ..config import ChunkOptions
 from ..constants import SAMPLE_RATE
-from .merge import ChunkResult, merge_chunks, to_text
+from .chunking import ChunkGeometry, iter_chunks
+from .merge import ChunkTranscript, Segment, merge_file
+
+if TYPE_CHECKING:  # the engine imports torch; scoring and test material need none
+    from .engine import Engine
 
 SPELLING = Path(__file__).parents[1] / "data" / "english_spelling.json"  # Whisper's English spelling map (MIT)
 
@@ -82,16 +84,15 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
     return path
 
 
-def transcribe_in_memory(audio: np.ndarray, transcriber: Any, chunks: Any = None, batch_size: int = 8) -> tuple[str, list]:
-    """One waveform through the pipeline's own stages in this process (chunks, features, decoder, merge).
-    `transcriber` is an `inference.Transcriber`, `chunks` a config.ChunkOptions. Returns (text, segments)."""
-    pieces = list(iter_chunks([audio], (chunks or ChunkOptions()).geometry()))
-    results = []
+def transcribe_in_memory(audio: np.ndarray, engine: Engine, chunks: ChunkOptions | None = None,
+                         batch_size: int = 8) -> tuple[str, list[Segment]]:
+    """One waveform through the batch job's own steps in this process: its chunks, the engine, the merge.
+    Returns (text, segments)."""
+    pieces = list(iter_chunks([audio], ChunkGeometry.of(chunks or ChunkOptions())))
+    results: list[ChunkTranscript] = []
     for i in range(0, len(pieces), batch_size):
         group = pieces[i : i + batch_size]
-        feats = features.log_mel([a for _, a in group], transcriber.n_mels)
-        decoded = transcriber.decode(feats, [None] * len(group), [len(a) / SAMPLE_RATE for _, a in group])
-        for (c, _), r in zip(group, decoded):
-            results.append(ChunkResult.from_samples(c.index, c.start, c.end, c.stride_left, c.stride_right, r.segments))
-    tok = transcriber.tokenizer
-    return to_text(merge_chunks(results), lambda ids: tok.decode(list(ids), skip_special_tokens=True))
+        results += engine.transcribe(engine.features([a for _, a in group]), [None] * len(group),
+                                     [len(a) / SAMPLE_RATE for _, a in group])
+    transcript = merge_file([c for c, _ in pieces], results, engine.text)
+    return transcript.text, transcript.segments

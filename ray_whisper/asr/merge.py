@@ -9,21 +9,45 @@ MIN_MATCH tokens, the splice falls back to the cut time, with token times estima
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from .. import schema
 from ..constants import SAMPLE_RATE
+from .chunking import Chunk
+from .tokens import vote_language
 
 MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
 
 
 @dataclass(frozen=True)
-class TimedWord:
-    word: str
-    start: float  # seconds
+class Word:
+    """One timed word (alignment.WordAligner finds them)."""
+
+    word: str  # as spoken, with its leading space and attached punctuation
+    start: float  # seconds: from the chunk's start in a ChunkTranscript, from the file's in a Segment
     end: float
     probability: float
-    tokens: int  # how many of its segment's tokens it spans
+    tokens: int  # how many of its segment's text tokens it spans
+
+
+@dataclass
+class ChunkTranscript:
+    """What the engine decoded for one chunk: segments (start_s, end_s, text tokens) relative to the chunk, and
+    how it decoded. The one result type of the engine, the batch job's token rows and the endpoint."""
+
+    segments: list[tuple[float, float, list[int]]]
+    language: str | None
+    no_speech_prob: float
+    avg_logprob: float
+    temperature: float = 0.0
+    language_prob: float = float("nan")  # of `language`, where it was detected
+    words: list[list[Word]] | None = None  # per segment, with word timestamps on
+
+
+NOTHING = ChunkTranscript([], None, math.nan, math.nan)  # a chunk not decoded: silent, or its file failed
 
 
 @dataclass(frozen=True)
@@ -32,7 +56,7 @@ class TokenSegment:
     end: float
     tokens: tuple[int, ...]
     language: str | None = None  # the language its chunk was decoded in
-    words: tuple[TimedWord, ...] = ()  # with word timestamps: its words, covering its tokens in order
+    words: tuple[Word, ...] = ()  # with word timestamps: its words, covering its tokens in order
 
     def trimmed(self, first: int, last: int) -> TokenSegment:
         """The segment's tokens[first:last], with the words that lie wholly inside them."""
@@ -56,20 +80,13 @@ class ChunkResult:
     segments: tuple[TokenSegment, ...]  # times relative to the chunk start
 
     @classmethod
-    def from_samples(cls, index: int, start: int, end: int, stride_left: int, stride_right: int, segments,
-                     language: str | None = None, words=None) -> "ChunkResult":
-        """From chunk geometry in samples at 16 kHz, (start_s, end_s, token ids) segments and, per segment, its
-        words as dicts (word, start, end, probability, tokens)."""
+    def of(cls, chunk: Chunk, result: ChunkTranscript) -> "ChunkResult":
+        """A chunk (geometry in samples at 16 kHz) and what the engine decoded for it."""
         sr = SAMPLE_RATE
-        segments = list(segments)
-        words = list(words) if words is not None else [[] for _ in segments]
-        segs = tuple(
-            TokenSegment(float(a), float(b), tuple(int(t) for t in toks), language,
-                         tuple(TimedWord(str(w["word"]), float(w["start"]), float(w["end"]), float(w["probability"]),
-                                         int(w["tokens"])) for w in ws))
-            for (a, b, toks), ws in zip(segments, words)
-        )
-        return cls(int(index), start / sr, end / sr, stride_left / sr, stride_right / sr, segs)
+        words = result.words if result.words is not None else [[] for _ in result.segments]
+        segs = tuple(TokenSegment(float(a), float(b), tuple(int(t) for t in toks), result.language, tuple(ws))
+                     for (a, b, toks), ws in zip(result.segments, words))
+        return cls(chunk.index, chunk.start / sr, chunk.end / sr, chunk.stride_left / sr, chunk.stride_right / sr, segs)
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ class Segment:
     end: float
     text: str
     language: str | None = None
-    words: tuple[TimedWord, ...] = ()
+    words: tuple[Word, ...] = ()
 
 
 @dataclass
@@ -102,7 +119,7 @@ def _flatten(chunk: ChunkResult) -> tuple[list[_Token], list[TokenSegment]]:
         n = len(seg.tokens)
         for k, t in enumerate(seg.tokens):
             tokens.append(_Token(start + (end - start) * (k + 0.5) / n, t, len(segs)))
-        words = tuple(TimedWord(w.word, _clip(chunk.start + w.start, chunk), _clip(chunk.start + w.end, chunk),
+        words = tuple(Word(w.word, _clip(chunk.start + w.start, chunk), _clip(chunk.start + w.end, chunk),
                                 w.probability, w.tokens) for w in seg.words)
         segs.append(TokenSegment(start, end, tuple(seg.tokens), seg.language, words))
     return tokens, segs
@@ -214,7 +231,7 @@ def _monotonic(segs: list[TokenSegment]) -> list[TokenSegment]:
     for s in segs:
         start = max(s.start, last_end)
         end = max(s.end, start)
-        words = tuple(TimedWord(w.word, round(min(max(w.start, start), end), 3), round(min(max(w.end, start), end), 3),
+        words = tuple(Word(w.word, round(min(max(w.start, start), end), 3), round(min(max(w.end, start), end), 3),
                                 w.probability, w.tokens) for w in s.words)
         out.append(TokenSegment(round(start, 3), round(end, 3), s.tokens, s.language, words))
         last_end = end
@@ -235,3 +252,44 @@ def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]
             pieces.append(text)
             out.append(Segment(s.start, s.end, text.strip(), s.language, s.words))
     return " ".join(" ".join(pieces).split()), out
+
+
+@dataclass(frozen=True)
+class FileTranscript:
+    """One file's transcript: its chunks merged, in file time."""
+
+    text: str
+    segments: list[Segment]
+    language: str | None  # the language most of its chunks were decoded in
+    language_probability: float | None  # mean over the chunks decoded in it, where it was detected
+    duration_s: float
+    num_chunks: int
+
+    def columns(self, word_timestamps: bool) -> dict[str, Any]:
+        """The transcript's columns of the output table (schema.OUTPUT_SCHEMA); `words` only with
+        `word_timestamps`."""
+        words = [{"word": w.word, "start": w.start, "end": w.end, "probability": round(w.probability, 4)}
+                 for s in self.segments for w in s.words]
+        return {
+            schema.TEXT: self.text,
+            schema.SEGMENTS: [{"start": s.start, "end": s.end, "text": s.text, "language": s.language}
+                              for s in self.segments],
+            schema.WORDS: words if word_timestamps else None,
+            schema.LANGUAGE: self.language,
+            schema.LANGUAGE_PROBABILITY: self.language_probability,
+            schema.DURATION_S: self.duration_s,
+            schema.NUM_CHUNKS: self.num_chunks,
+        }
+
+
+def merge_file(chunks: Sequence[Chunk], results: Sequence[ChunkTranscript],
+               text_of: Callable[[Sequence[int]], str]) -> FileTranscript:
+    """All of one file's chunks, in order, with what the engine decoded for each (NOTHING where it decoded
+    nothing) -> the file's transcript. The one path from chunks to a transcript: the batch job's assemble
+    stage, the endpoint and the evaluation helpers all take it."""
+    text, segments = to_text(merge_chunks([ChunkResult.of(c, r) for c, r in zip(chunks, results, strict=True)]),
+                             text_of)
+    language = vote_language([r.language for r in results if r.language])
+    probs = [r.language_prob for r in results if r.language == language and math.isfinite(r.language_prob)]
+    return FileTranscript(text, segments, language, round(sum(probs) / len(probs), 4) if probs else None,
+                          round(max(c.end for c in chunks) / SAMPLE_RATE, 3), len(chunks))

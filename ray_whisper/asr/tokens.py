@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..constants import SECONDS_PER_TOKEN
+from ..model.checkpoint import Checkpoint
 from ..languages import LANGUAGE_CODES, LANGUAGE_NAMES
 
 
@@ -78,6 +79,17 @@ def special_tokens(token_to_id: Any, generation: dict[str, Any], vocab_size: int
         suppress_at_begin=tuple(generation.get("begin_suppress_tokens") or ()),
         sot_prev=tok("<|startofprev|>"),
     )
+
+
+def checkpoint_tokens(checkpoint: Checkpoint) -> SpecialTokens:
+    """The control tokens and languages of a checkpoint (special_tokens over its tokenizer and configs)."""
+    return special_tokens(checkpoint.tokenizer.token_to_id, checkpoint.generation, checkpoint.vocab_size)
+
+
+def detects_file_language(tokens: SpecialTokens, language: str | None, per_chunk: bool) -> bool:
+    """Whether each file's language is detected once, on its first chunk with sound, and its other chunks are
+    decoded in it: a multilingual model, no language given, and not --language-per-chunk."""
+    return tokens.multilingual and not language and not per_chunk
 
 
 def _required(tok: Any, name: str) -> int:

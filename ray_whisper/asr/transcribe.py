@@ -23,32 +23,19 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .alignment import Word, WordAligner
+from .alignment import WordAligner
 from ..config import DecodingOptions
 from ..constants import FRAMES_PER_S
 from .decoding import Decoded, Decoder
+from .merge import ChunkTranscript
 from .tokens import segments_from_tokens
 
 SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
 LOUD_FRAMES = 10  # 0.1 s: the mel frames averaged to tell sound from the chunk's floor
-
-
-@dataclass
-class ChunkTranscript:
-    """One chunk's segments, (start_s, end_s, text tokens) relative to the chunk, and how it decoded."""
-
-    segments: list[tuple[float, float, list[int]]]
-    language: str
-    no_speech_prob: float
-    avg_logprob: float
-    temperature: float = 0.0
-    language_prob: float = float("nan")  # of `language`, where it was detected
-    words: list[list[Word]] | None = None  # per segment, with word timestamps on
 
 
 def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None], durations: list[float],

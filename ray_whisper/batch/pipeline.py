@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import tokenizers
 
 from .. import schema
 from ..io import storage
@@ -24,13 +23,15 @@ from .cluster import connect
 from ..config import StorageOptions, TranscribeOptions
 from ..errors import ConfigError, Interrupted, OutputError
 from ..io.manifest import read_manifest
-from ..model.checkpoint import model_files, resolve_model
+from ..model.checkpoint import Checkpoint, resolve_model
 from ..io.output import OutputDir, new_run_id
 from ..io.parts import PartWriter
 from .cpu_stage import chunk_batch
+from .model_stage import ModelStage
 from .report import Progress, Summary, summarize
 from ..model.resources import model_actor_options, plan_resources
-from ..asr.tokens import language_code, special_tokens
+from ..asr.chunking import ChunkGeometry
+from ..asr.tokens import checkpoint_tokens, detects_file_language, language_code
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,9 @@ class Prepared:
     """What the driver resolved before any worker starts."""
 
     manifest: pa.Table
-    model_path: str
-    model_config: dict[str, Any]  # its config.json
-    tokenizer_json: str  # serialized fast tokenizer, so the merge stage needs no transformers
+    checkpoint: Checkpoint  # the model, resolved; its configs and tokenizer (the merge stage needs no transformers)
     storage: StorageOptions  # resolved: the driver's endpoint and region, for every worker
-    detect_language: bool = False  # each file's language detected once (a multilingual model, none given)
-
-    @property
-    def n_mels(self) -> int:
-        return int(self.model_config.get("num_mel_bins", 80))
+    detect_language: bool = False  # each file's language detected once (tokens.detects_file_language)
 
 
 def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None = None) -> Prepared:
@@ -61,10 +56,8 @@ def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None 
     table = read_manifest(manifest, storage.filesystem(manifest, storage_options))
     if output is not None:
         output.check_writable()
-    model_path = resolve_model(opt.model, opt.revision)
-    config, generation, tokenizer_json = model_files(model_path, opt.revision)
-    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
-    tokens = special_tokens(tokenizer.token_to_id, generation, int(config["vocab_size"]))
+    checkpoint = Checkpoint.load(resolve_model(opt.model, opt.revision), opt.revision)
+    tokens = checkpoint_tokens(checkpoint)
     try:
         language_code(opt.language, tokens)
         for lang in set(table[schema.LANGUAGE].drop_null().to_pylist()):
@@ -73,8 +66,8 @@ def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None 
         raise ConfigError(str(e)) from e
     if opt.task == "translate" and not tokens.multilingual:
         raise ConfigError(f"--task translate needs a multilingual model; {opt.model} is English-only")
-    detect = tokens.multilingual and opt.language is None and not opt.language_per_chunk
-    return Prepared(table, model_path, config, tokenizer_json, storage_options, detect)
+    detect = detects_file_language(tokens, opt.language, opt.language_per_chunk)
+    return Prepared(table, checkpoint, storage_options, detect)
 
 
 def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
@@ -93,7 +86,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     from ray.util.debug import log_once
 
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.model_config)
+    res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.checkpoint.config)
     actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
     table = prepared.manifest
     step = options.resources.files_per_task
@@ -110,7 +103,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
         warnings.simplefilter("ignore", DeprecationWarning)
         chunks = files.map_batches(
             chunk_batch,
-            fn_kwargs={"geom": options.chunks.geometry(), "n_mels": prepared.n_mels, "storage_options": prepared.storage,
+            fn_kwargs={"geom": ChunkGeometry.of(options.chunks), "n_mels": prepared.checkpoint.n_mels, "storage_options": prepared.storage,
                        "detect_language": prepared.detect_language},
             batch_size=None,
             batch_format="pyarrow",
@@ -123,7 +116,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
         tokens = chunks.map_batches(
             ModelStage,
             fn_constructor_kwargs={
-                "model_path": prepared.model_path, "options": options.decoding, "cpu_threads": res.cpu_threads,
+                "model_path": prepared.checkpoint.path, "options": options.decoding, "cpu_threads": res.cpu_threads,
             },
             batch_size=res.batch_size,
             batch_format="numpy",
@@ -137,7 +130,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
         return tokens.map_batches(
             Assembler,
             fn_constructor_kwargs={
-                "tokenizer_json": prepared.tokenizer_json, "model_name": options.decoding.model,
+                "checkpoint": prepared.checkpoint, "model_name": options.decoding.model,
                 "fingerprint": options.fingerprint(), "writer": writer,
                 "word_timestamps": options.decoding.word_timestamps,
             },
@@ -150,19 +143,6 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             max_restarts=-1,
             max_task_retries=-1,
         )
-
-
-class ModelStage:
-    """map_batches callable of the model actors: an inference.Transcriber built in the actor, so that the
-    driver never imports torch (1.2-2 s before every run's dataset could start)."""
-
-    def __init__(self, **kwargs: Any):
-        from ..asr.engine import Transcriber
-
-        self.transcriber = Transcriber(**kwargs)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.transcriber(batch)
 
 
 def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:

@@ -29,7 +29,6 @@ import pyarrow.parquet as pq
 
 from .. import schema
 from . import storage
-from ..batch.assemble import error_row
 from ..config import StorageOptions
 from ..errors import LOST, IncompleteOutputError, OutputError, kind_of, row_error
 from .parts import PART_PREFIX, SCHEMA_VERSION, TEMP_PREFIX, PartWriter, read_part
@@ -146,7 +145,7 @@ class OutputDir:
         if missing.num_rows:
             log.error("%d manifest row(s) came back from no worker; writing error rows for them", missing.num_rows)
             reason = row_error(LOST, "no result came back from the cluster (worker or node lost); rerun to retry")
-            lost = [error_row(r[schema.ID], storage.public_uri(r[schema.AUDIO]), model_name, fingerprint, reason)
+            lost = [schema.error_row(r[schema.ID], storage.public_uri(r[schema.AUDIO]), model_name, fingerprint, reason)
                     for r in missing.to_pylist()]
             part = self.writer(run_id).write(lost, kind="lost")
             rows = pa.concat_tables([rows, pa.Table.from_pylist(

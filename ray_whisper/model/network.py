@@ -183,7 +183,7 @@ class Whisper(nn.Module):
         self.proj_out.weight = self.model.decoder.embed_tokens.weight  # tied, as in every Whisper checkpoint
         self._packed: tuple[Any, Any] = (None, None)  # (proj_out weight's identity, its oneDNN layout or None)
         # the dtype new caches keep cross-attention keys and values in (None: the encoder's): every decoder
-        # step reads all of them, so on CPU a narrower copy makes steps cheaper (tuning.cross_attention_dtype)
+        # step reads all of them, so on CPU a narrower copy makes steps cheaper (runtime.cross_attention_dtype)
         self.cross_dtype: torch.dtype | None = None
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:

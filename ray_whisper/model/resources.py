@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ResourceOptions
+from ..config import ResourceOptions, int8_on_gpu
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ BATCH_MEMORY = {"cpu": (2 << 30, 16), "gpu": (8 << 30, 32)}
 
 # The environment of a CPU model actor's process (its runtime_env's env_vars; Ray merges them with the job's).
 # glibc gives each thread that allocates an arena of its own, and a thread's arena other than the main one
-# cannot hold a block over 64 MB: glibc then maps fresh pages for it whatever tuning.keep_freed_memory set.
+# cannot hold a block over 64 MB: glibc then maps fresh pages for it whatever runtime.keep_freed_memory set.
 # Ray Data and Serve call the model from a pool thread, so without this every batch faulted its attention
 # tensors in again (tiny.en, 2 cores, 30 min of speech: 2.3 M page faults, 25 s of system time; 1.2 s in one thread
 # of one process). One arena for the whole process keeps them; it must be set before the process starts.
@@ -45,9 +45,9 @@ def model_actor_options(dtype: str, gpus: float, gpu_flag: str) -> dict[str, Any
     """The Ray options of a model actor (or Serve replica) beyond its CPU and GPU counts, once its GPUs are known
     (automatic GPUs resolve against the cluster, after the options' own checks): a CPU one starts with
     CPU_ACTOR_ENV; --dtype int8 on a GPU is refused, naming `gpu_flag`, the option that keeps it on CPU."""
-    if dtype == "int8" and gpus > 0:
-        raise ConfigError(f"--dtype int8 runs on CPU only and each model would get {gpus:g} GPU: give {gpu_flag} 0 to "
-                          "run int8 on CPU, or --dtype float16 (or auto) for the GPUs")
+    refused = int8_on_gpu(dtype, gpus, gpu_flag)
+    if refused:
+        raise ConfigError(refused)
     return {} if gpus > 0 else {"runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
 
 
@@ -61,6 +61,14 @@ def auto_batch_size(gpu: bool, model_config: dict[str, Any] | None) -> int:
         * int(model_config["d_model"]) * (2 if gpu else 4)
     )
     return max(1, min(cap, budget // per_chunk))
+
+
+def torch_threads(cpus_per_model: float, node_cpus: list[float], models: int) -> int:
+    """The torch threads of each of `models` CPU models (batch actors or Serve replicas) spread over nodes with
+    these CPUs: its share of the smallest node, at least the CPUs it reserves."""
+    nodes = [c for c in node_cpus if c > 0] or [1.0]
+    per_node = max(1, math.ceil(models / len(nodes)))
+    return max(math.ceil(cpus_per_model), int(min(nodes)) // per_node, 1)
 
 
 def plan_resources(
@@ -91,7 +99,5 @@ def plan_resources(
     else:
         max_actors = options.min_actors
     batch_size = options.batch_size or auto_batch_size(gpus_per_actor > 0, model_config)
-    nodes = [c for c in (node_cpus or [cluster.get("CPU", 1)]) if c > 0] or [1.0]
-    actors_per_node = max(1, math.ceil(max_actors / len(nodes)))
-    cpu_threads = max(math.ceil(options.cpus_per_actor), int(min(nodes)) // actors_per_node, 1)
+    cpu_threads = torch_threads(options.cpus_per_actor, node_cpus or [cluster.get("CPU", 1)], max_actors)
     return Resources(batch_size, options.min_actors, max_actors, gpus_per_actor, options.cpus_per_actor, cpu_threads)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..config import int8_on_gpu
 from ..errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     """The torch dtype for --dtype on this device: auto is float16 on GPU, float32 on CPU; int8 loads in
     float32 and is quantised after (quantize_linear)."""
     if name == "int8":
-        if device != "cpu":
-            raise ModelError("--dtype int8 runs on CPU only; use --dtype float16 (or auto) on a GPU")
+        refused = int8_on_gpu(name, 0 if device == "cpu" else 1, "--gpus-per-actor (or --gpus-per-replica)")
+        if refused:
+            raise ModelError(refused)
         return torch.float32
     if name == "auto":
         return torch.float16 if device == "cuda" else torch.float32
@@ -108,7 +110,7 @@ def cross_attention_dtype(device: str, dtype: torch.dtype) -> torch.dtype | None
     (network.Whisper.cross_dtype; None: the encoder's own). Every decoder step reads all of them, 1500 keys
     per window, so on an x86-64 CPU a bfloat16 copy makes each step cheaper: tiny.en's cross-attention step
     22.7 ms -> 13.3 ms and the decoder from memory on 92 min of speech 5-10% faster at the same WER (1.50%) and
-    the same second passes on an AVX2 CPU without native bfloat16 (stop 24; the README's Benchmark has the
+    the same second passes on an AVX2 CPU without native bfloat16 (docs/performance.md has both runs, the
     AVX512-BF16 run). Elsewhere None: a GPU runs float16 already, and other CPUs were not measured."""
     if device != "cpu" or dtype != torch.float32:  # int8 models compute in float32 (resolve_dtype)
         return None
@@ -119,7 +121,7 @@ def quantize_linear(net: nn.Module, keep: tuple[str, ...] = ("proj_out",)) -> in
     """--dtype int8: every nn.Linear of `net` but those named in `keep` replaced, in place, by PyTorch's
     dynamically quantised int8 linear (int8 weights with a scale per output channel, activations quantised
     per call). A scale per channel, not one per matrix: the decoder from memory on 32.6 min of speech went
-    from 2.47% WER to 1.98% (float32: 1.68%) at the same speed (stop 23). The vocabulary
+    from 2.47% WER to 1.98% (float32: 1.68%) at the same speed (docs/performance.md). The vocabulary
     projection is kept in float32: it runs through the packed oneDNN product (network.vocabulary_logits),
     and quantising it too cost WER (tiny.en, 3 min of speech: 1.63% -> 1.83%) for ~9% more speed. Measured
     there: 6.4 s -> 4.6 s for the whole decode, at the same WER. Returns the number of layers quantised."""
