@@ -1,17 +1,26 @@
-"""The output directory: parts written as files finish, resume across runs, and an index that commits a run.
+"""The output directory: parts written as files finish, resume across runs, and a commit that leaves one row per
+id in the data files.
 
 Layout of OUTPUT_DIR (local or object storage):
 
-    part-<run>-<random>.parquet   output rows, written by the assemble stage as files finish (parts.py)
-    _index-<run>.parquet          id -> part, one row per manifest row: which row of which part is the answer
-    _SUCCESS                      JSON: the run that committed, its index, its summary; written last
+    part-<run>-<random>.parquet       output rows, written by the assemble stage as files finish (parts.py)
+    _SUCCESS                          JSON: the run that committed, its index, its summary; written last
+    _ray_whisper/index-<run>.arrow    id -> part for every manifest row of that run (Arrow IPC)
+
+Only the data rows match `*.parquet`, at the top or in any sub-folder, so every engine's reader (pandas,
+pyarrow, DuckDB, Polars, Spark, Ray Data) sees them and nothing else: the run's metadata is neither Parquet nor
+beside the parts, and a part being written is `.rw-tmp-<part>.tmp` (DuckDB's globs match dot-files).
 
 A run begins by removing `_SUCCESS` (the table is about to change) and what killed runs left half-written (our
 own temporary files), then reads the parts that are ours (marked, in the output schema; parts.read_part) to
-find the manifest rows already done; anything else in the directory is left alone and never read. The latest
-row of an id wins, so a rerun never rewrites old parts: it only adds new ones. When every manifest row has a
-row, the run writes its index and `_SUCCESS`; readers go through them (`read_results`), so a table is always
-one row per manifest row of the run that committed it.
+find the manifest rows already done; anything else in the directory is left alone and never read. While a run
+goes, the latest row of an id wins (parts sort by run start). At commit the rows that lost leave the data
+files: each part that holds one is rewritten beside with only its current rows and then removed, a part
+without any is never touched; with --overwrite, every part of earlier runs goes then, not before. Then the
+index and `_SUCCESS` are written. So a committed directory holds one row per id in its parts, whichever
+engine reads it; `read_results` returns the committing run's manifest rows (a directory that served other
+manifests holds their ids' rows too). Directories committed before the index moved (`_index-<run>.parquet`
+beside the parts) are read and resumed as they are; their next commit moves the index.
 """
 
 from __future__ import annotations
@@ -31,13 +40,16 @@ from .. import schema
 from . import storage
 from ..config import StorageOptions
 from ..errors import LOST, IncompleteOutputError, OutputError, kind_of, row_error
-from .parts import PART_PREFIX, SCHEMA_VERSION, TEMP_PREFIX, PartWriter, read_part
+from .parts import PART_PREFIX, SCHEMA_VERSION, TEMP_PREFIX, PartWriter, part_name, put_whole, read_part, run_of
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS"
-INDEX_PREFIX = "_index-"
+SUCCESS = "_SUCCESS"  # where Spark and Hadoop put theirs; not Parquet, and skipped by directory readers
+META = "_ray_whisper"  # run metadata, out of every reader's `*.parquet` glob
+INDEX_PREFIX = "index-"  # META/index-<run>.arrow
+LEGACY_INDEX_PREFIX = "_index-"  # <dir>/_index-<run>.parquet, before the index moved into META
 TOOL = "ray_whisper"
+INDEX_SCHEMA = pa.schema([pa.field(schema.ID, pa.string()), pa.field(schema.PART, pa.string())])
 SCAN_COLUMNS = [schema.ID, schema.STATUS, schema.ERROR, schema.DURATION_S, schema.MODEL, schema.FINGERPRINT]
 
 
@@ -52,6 +64,7 @@ class OutputDir:
     fs: Any
     root: str  # the directory as the filesystem names it
     storage: StorageOptions
+    replacing: bool = False  # begun with --overwrite: at commit, every part of earlier runs goes
 
     @classmethod
     def open(cls, uri: str, options: StorageOptions | None = None) -> OutputDir:
@@ -83,11 +96,12 @@ class OutputDir:
     def writer(self, run_id: str) -> PartWriter:
         return PartWriter(self.uri, self.storage, run_id)
 
-    def _names(self) -> list[str]:
+    def _names(self, folder: str = "") -> list[str]:
         try:
-            return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(self.root, detail=False))
+            listed = self.fs.ls(self.path(folder) if folder else self.root, detail=False)
         except FileNotFoundError:
             return []
+        return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in listed)
 
     def rows(self) -> pa.Table:
         """Every column of the latest row of every id in our parts, whether or not a run committed."""
@@ -95,6 +109,10 @@ class OutputDir:
 
     def scan(self, columns: list[str] | None = SCAN_COLUMNS) -> pa.Table:
         """The latest row of every id in our parts (`columns` and `part`); foreign files are skipped."""
+        return latest_per_id(self._every_row(columns))
+
+    def _every_row(self, columns: list[str] | None) -> pa.Table:
+        """Every row of our parts (`columns` and `part`), superseded ones too; foreign files are skipped."""
         tables, foreign = [], []
         for name in self._names():
             if not (name.startswith(PART_PREFIX) and name.endswith(".parquet")):
@@ -110,19 +128,19 @@ class OutputDir:
         if not tables:
             fields = [schema.OUTPUT_SCHEMA.field(c) for c in (columns or schema.OUTPUT_SCHEMA.names)]
             return pa.schema(fields + [pa.field(schema.PART, pa.string())]).empty_table()
-        return latest_per_id(pa.concat_tables(tables))
+        return pa.concat_tables(tables)
 
     def begin(self, manifest: pa.Table, fingerprint: str, *, overwrite: bool, retry_errors: bool) -> tuple[pa.Table, pa.Table]:
-        """Prepare the directory for a run: returns (the manifest rows still to do, the rows already done)."""
+        """Prepare the directory for a run: returns (the manifest rows still to do, the rows already done).
+        With `overwrite` every row is to do, and the old rows stay (readable) until this run commits."""
         self.check_writable()
-        names = self._names()
-        for name in names:
-            if name == SUCCESS or name.startswith(TEMP_PREFIX) or (overwrite and name.startswith(INDEX_PREFIX)):
+        for name in self._names():
+            if name == SUCCESS or name.startswith(TEMP_PREFIX):
                 self.fs.rm(self.path(name))
-        if overwrite:
-            for name in self.scan()[schema.PART].unique().to_pylist():
-                self.fs.rm(self.path(name))
+        self.replacing = overwrite
         existing = self.scan()
+        if overwrite:
+            return manifest, existing.slice(0, 0)
         existing = existing.filter(pc.is_in(existing[schema.ID], manifest[schema.ID]))
         lost = pc.starts_with(pc.fill_null(existing[schema.ERROR], ""), f"{LOST}:")
         redo = pc.or_(lost, pc.equal(existing[schema.STATUS], schema.STATUS_ERROR)) if retry_errors else lost
@@ -154,15 +172,61 @@ class OutputDir:
         return latest_per_id(rows)
 
     def commit(self, run_id: str, rows: pa.Table, summary: dict[str, Any]) -> None:
-        """Write the index of `rows` (id -> part) and then `_SUCCESS`: from now on readers take the run's table
-        as complete."""
-        index = f"{INDEX_PREFIX}{run_id}.parquet"
-        with self.fs.open(self.path(index), "wb") as f:
-            pq.write_table(rows.select([schema.ID, schema.PART]), f)
+        """Make the parts hold one row per id (compact), write the index of `rows` (id -> part), remove older
+        indexes, and then write `_SUCCESS`: from now on readers take the run's table as complete."""
+        rows = self.compact(rows)
+        index = f"{META}/{INDEX_PREFIX}{run_id}.arrow"
+        if not storage.is_object_store(self.uri):
+            self.fs.makedirs(self.path(META), exist_ok=True)
+        with self.fs.open(self.path(index), "wb") as f, pa.ipc.new_file(f, INDEX_SCHEMA) as ipc:
+            ipc.write_table(rows.select([schema.ID, schema.PART]).cast(INDEX_SCHEMA))
+        stale = [n for n in self._names() if n.startswith(LEGACY_INDEX_PREFIX) and n.endswith(".parquet")]
+        stale += [f"{META}/{n}" for n in self._names(META) if n.startswith(INDEX_PREFIX) and f"{META}/{n}" != index]
+        for name in stale:
+            self.fs.rm(self.path(name))
         marker = {"tool": TOOL, "schema_version": SCHEMA_VERSION, "run_id": run_id, "index": index,
                   "rows": rows.num_rows, "summary": summary}
         with self.fs.open(self.path(SUCCESS), "wb") as f:
             f.write(json.dumps(marker, indent=2).encode())
+
+    def compact(self, rows: pa.Table) -> pa.Table:
+        """Take the rows that lost out of the data files; returns `rows` (id -> part) with the parts' new names.
+
+        The current row of a manifest id is the one in `rows`; of any other id, the latest (or none, when the
+        run was begun with --overwrite: every part of earlier runs goes). A part that holds a row that is not
+        current is rewritten beside with only its current rows, then removed (removed at once when none is
+        left); other parts are left as they are. A commit cut short leaves at worst a part and its rewrite,
+        with the same rows; the next commit keeps one of them."""
+        every = self._every_row([schema.ID])
+        current = rows.select([schema.ID, schema.PART]).cast(INDEX_SCHEMA)
+        if not self.replacing:
+            latest = latest_per_id(every).select([schema.ID, schema.PART]).cast(INDEX_SCHEMA)
+            current = pa.concat_tables([latest.filter(pc.invert(pc.is_in(latest[schema.ID], current[schema.ID]))), current])
+        joined = every.join(current.rename_columns([schema.ID, "current"]), schema.ID, join_type="left outer")
+        stale = joined.filter(pc.invert(pc.fill_null(pc.equal(joined["current"], joined[schema.PART]), False)))
+        renamed = {}
+        for name in sorted(stale[schema.PART].unique().to_pylist()):
+            keep = current.filter(pc.equal(current[schema.PART], name))[schema.ID]
+            renamed[name] = self._rewrite(name, keep)
+        if renamed:
+            log.info("%d part(s) in %s held superseded rows and were rewritten without them", len(renamed), self.uri)
+            parts = [renamed.get(p, p) for p in rows[schema.PART].to_pylist()]
+            rows = rows.set_column(rows.schema.get_field_index(schema.PART), schema.PART, pa.array(parts, pa.string()))
+        return rows
+
+    def _rewrite(self, name: str, keep: pa.Array) -> str | None:
+        """The part `name` with only the rows of ids in `keep`, written beside under a new name (same run, so it
+        sorts as the old one did), then the old one removed; the new name, or None when nothing was kept."""
+        table, why = read_part(self.fs, self.path(name))
+        if table is None:
+            raise OutputError(f"{self.uri}/{name} cannot be compacted: it is unreadable now ({why})")
+        kept = table.filter(pc.is_in(table[schema.ID], keep))
+        new = None
+        if kept.num_rows:
+            new = part_name(run_of(table), "lost" if name.endswith("-lost.parquet") else "")
+            put_whole(self.fs, self.uri, self.root, new, kept)
+        self.fs.rm(self.path(name))
+        return new
 
 
 def latest_per_id(rows: pa.Table) -> pa.Table:
@@ -197,8 +261,7 @@ def read_results(output: str, options: StorageOptions | None = None) -> pa.Table
         raise IncompleteOutputError(f"{output}/{SUCCESS} was not written by ray_whisper ({e})") from e
     if marker.get("tool") != TOOL or marker.get("schema_version") != SCHEMA_VERSION:
         raise IncompleteOutputError(f"{output}/{SUCCESS} is not a ray_whisper {SCHEMA_VERSION} commit marker")
-    with out.fs.open(out.path(marker["index"]), "rb") as f:
-        index = pq.read_table(f)
+    index = _read_index(out, marker["index"])
     tables = []
     for part in index[schema.PART].unique().to_pylist():
         table, why = read_part(out.fs, out.path(part))
@@ -210,3 +273,11 @@ def read_results(output: str, options: StorageOptions | None = None) -> pa.Table
     if table.num_rows != index.num_rows:
         raise OutputError(f"{output}: {SUCCESS}'s index lists {index.num_rows} rows but its parts hold {table.num_rows}")
     return table
+
+
+def _read_index(out: OutputDir, name: str) -> pa.Table:
+    """The committed index: Arrow IPC under META, or Parquet beside the parts (directories committed before)."""
+    data = out.fs.cat(out.path(name))
+    if name.endswith(".parquet"):
+        return pq.read_table(pa.BufferReader(data))
+    return pa.ipc.open_file(pa.BufferReader(data)).read_all()

@@ -3,6 +3,7 @@
 A part carries key-value metadata (`ray_whisper`: the schema version and the run that wrote it). Reading a
 part checks that mark and the output schema; a file without them (someone else's, a half-written upload, an
 older format) is never trusted, and never deleted. On a local disk a part is written under a temporary name
+(`.rw-tmp-<part>.tmp`: no reader's `*.parquet` glob matches it, DuckDB's included, which does match dot-files)
 and renamed into place; on an object store one PUT makes it appear whole.
 """
 
@@ -43,22 +44,26 @@ class PartWriter:
     def write(self, rows: list[dict[str, Any]], kind: str = "") -> str:
         """Write `rows` (output rows) as a new part; returns its name. Raises OSError when the store does."""
         fs = storage.filesystem(self.uri, self.storage)
-        root = storage.strip(self.uri, fs).rstrip("/")
-        table = marked_table(rows, self.run_id)
         name = part_name(self.run_id, kind)
-        if storage.is_object_store(self.uri):
-            with fs.open(f"{root}/{name}", "wb") as f:
-                pq.write_table(table, f)
-            return name
-        temp = f"{root}/{TEMP_PREFIX}{name}"
-        try:
-            with fs.open(temp, "wb") as f:
-                pq.write_table(table, f)
-            fs.mv(temp, f"{root}/{name}")
-        except BaseException:
-            _remove_quietly(fs, temp)
-            raise
+        put_whole(fs, self.uri, storage.strip(self.uri, fs).rstrip("/"), name, marked_table(rows, self.run_id))
         return name
+
+
+def put_whole(fs: Any, uri: str, root: str, name: str, table: pa.Table) -> None:
+    """Write `table` as `root/name`, whole or not at all: one PUT on an object store, a temporary file renamed
+    into place on a disk."""
+    if storage.is_object_store(uri):
+        with fs.open(f"{root}/{name}", "wb") as f:
+            pq.write_table(table, f)
+        return
+    temp = f"{root}/{TEMP_PREFIX}{name}.tmp"
+    try:
+        with fs.open(temp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(temp, f"{root}/{name}")
+    except BaseException:
+        _remove_quietly(fs, temp)
+        raise
 
 
 def marked_table(rows: list[dict[str, Any]], run_id: str) -> pa.Table:
@@ -74,6 +79,11 @@ def _remove_quietly(fs: Any, path: str) -> None:
         fs.rm(path)
     except OSError:
         pass
+
+
+def run_of(part: pa.Table) -> str:
+    """The run that wrote a part (its mark), read from a table that read_part returned."""
+    return json.loads(part.schema.metadata[META_KEY])["run_id"]
 
 
 def read_part(fs: Any, path: str, columns: list[str] | None = None) -> tuple[pa.Table | None, str]:
