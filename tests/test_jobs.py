@@ -256,7 +256,7 @@ def test_ray_job_submit_runs_the_entrypoint_and_logs_progress(head, tmp_path):
     assert ev.wer([REFS["jfk.flac"]["text"]], [row["text"]]) <= 0.05
 
     # progress as log lines, not bars: files done of the total every few seconds, then the CLI's summary
-    blocks = re.findall(r"^(\S+ \S+) INFO ray_whisper\.report: files done: (\d+)/1 ", logs, re.MULTILINE)
+    blocks = re.findall(r"^(\S+ \S+) INFO ray_whisper\.batch\.report: files done: (\d+)/1 ", logs, re.MULTILINE)
     assert len(blocks) >= 2, logs[-4000:]
     times = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f") for t, _ in blocks]
     ticks = times[:-1]  # the last line comes when the file is done, whenever that is

@@ -197,10 +197,10 @@ def test_a_model_failure_is_a_500_with_the_request_id_and_the_replica_goes_on(bu
         raise RuntimeError("CUDA error: out of memory")
 
     async def twice():  # one event loop, as in a replica: the batch queue lives in it
-        working = service.model.variant
-        service.model.variant = broken
+        working = service.engine._variant
+        service.engine._variant = broken
         failed = await service._answer(request(), "transcribe")
-        service.model.variant = working
+        service.engine._variant = working
         return failed, await service._answer(request(), "transcribe")
 
     failed, ok = asyncio.run(twice())
