@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from urllib.parse import unquote
 
 # Kinds of error rows (per file): the text before the colon in the `error` column
 FETCH_ERROR = "fetch_error"  # missing object, denied, unreachable, timed out
@@ -48,6 +49,11 @@ class IncompleteOutputError(OutputError):
     """The output has no _SUCCESS marker: its run did not finish, rows may be missing."""
 
 
+class ClusterError(RayWhisperError):
+    """Ray could not be started or reached, or went away under the run (exit 2; what finished is kept and the
+    same command resumes)."""
+
+
 class Interrupted(RayWhisperError):
     """The run was stopped (Ctrl-C, SIGTERM); the message says what was kept and how to resume (exit 130)."""
 
@@ -74,6 +80,11 @@ class DecodeError(FileError):
     kind = DECODE_ERROR
 
 
+class TruncatedError(DecodeError):
+    """The stream ended short of the length its container declares; everything before the cut decoded (a
+    warning on an ok row when there was audio)."""
+
+
 class NoAudioError(FileError):
     """The container decodes but holds no audio stream or no samples."""
 
@@ -96,15 +107,37 @@ _SECRET_VALUE = re.compile(
 )
 
 
+# Query parameters whose values are shown and stored as given: they choose a format or a version of an object,
+# never who may read it. Every other parameter's value becomes *** (access_token, api_key, sig, code, X-Amz-*,
+# ...: secrets come under too many names to list), and so does a parameter without a value (?<token>).
+HARMLESS_QUERY_PARAMS = frozenset({
+    "format", "version", "versionid", "generation", "alt", "x-id", "partnumber", "dl", "download", "raw",
+    "response-content-type", "response-content-language", "response-content-encoding", "response-cache-control",
+})
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"<>]*\?)([^\s#'\"<>)]*)")
+
+
+def redact_query(query: str) -> str:
+    """A URL's query string with the value of every parameter not in HARMLESS_QUERY_PARAMS replaced by ***."""
+    def one(pair: str) -> str:
+        key, eq, _ = pair.partition("=")
+        if unquote(key).lower() in HARMLESS_QUERY_PARAMS:
+            return pair
+        return f"{key}=***" if eq else "***"
+
+    return "&".join(one(pair) for pair in query.split("&") if pair)
+
+
 def redact(text: str) -> str:
     """Remove secrets from a message: the values of this process's AWS secret variables, the credentials of
-    a URL (scheme://user:password@host keeps the user), and the values of secret=..., Signature=..., X-Amz-Credential=...
-    (signed URLs)."""
+    a URL (scheme://user:password@host keeps the user), the values of a URL's query parameters (all but
+    HARMLESS_QUERY_PARAMS), and the values of secret=..., Signature=..., X-Amz-Credential=... elsewhere."""
     for name in SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 8:
             text = text.replace(value, "***")
     text = _URL_PASSWORD.sub(r"\1***@", text)
+    text = _URL_QUERY.sub(lambda m: m.group(1) + redact_query(m.group(2)), text)
     return _SECRET_VALUE.sub(r"\1\3***", text)
 
 

@@ -56,10 +56,13 @@ def black_hole():
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves jfk.flac with Range support; `stall` stops sending after 64 KB of every GET; `flaky` answers the
-    first two connections' requests by closing the connection."""
+    first two connections' requests by closing the connection; `statuses` answers the first requests with
+    these HTTP statuses (then serves the file); a path starting with /loop redirects to itself."""
 
     stall = False
     flaky = 0
+    statuses: list[int] = []
+    requests = 0
     lock = threading.Lock()
 
     def log_message(self, *args) -> None:  # quiet
@@ -67,12 +70,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _fail_first(self) -> bool:
         with Handler.lock:
+            Handler.requests += 1
             if Handler.flaky > 0:
                 Handler.flaky -= 1
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return True
-        return False
+            status = Handler.statuses.pop(0) if Handler.statuses else None
+        if self.path.startswith("/loop"):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+        elif status is not None:
+            self.send_response(status)
+            if status == 429:
+                self.send_header("Retry-After", "1")
+        else:
+            return False
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
 
     def do_HEAD(self) -> None:
         if self._fail_first():
@@ -103,8 +119,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def file_server(stall: bool = False, flaky: int = 0):
-    Handler.stall, Handler.flaky = stall, flaky
+def file_server(stall: bool = False, flaky: int = 0, statuses: tuple[int, ...] = ()):
+    Handler.stall, Handler.flaky, Handler.statuses, Handler.requests = stall, flaky, list(statuses), 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -196,3 +212,57 @@ def test_a_signed_url_is_fetched_with_its_signature_and_stored_without_it():
     stored = rows["f0"][0][schema.AUDIO]
     assert secret not in stored and "pa55word" not in stored and "AKIAEXAMPLE" not in stored
     assert stored.endswith("/jfk.flac?X-Amz-Credential=***&X-Amz-Signature=***") and "reader:***@" in stored
+
+
+@pytest.mark.parametrize("status", [503, 500, 429])
+def test_a_server_error_twice_then_the_file_is_tried_again_and_decodes(status):
+    """5xx and 429 say "not now", not "not there": fetched again after the backoff (fsspec asks with HEAD,
+    then GET, so two answers are one attempt)."""
+    with file_server(statuses=(status,) * 2) as server:
+        rows = decode_task([f"{server}/jfk.flac"])
+        assert Handler.requests > 2  # the file was asked for again after the errors
+    assert all(r[schema.ERROR] is None for r in rows["f0"]), rows["f0"][0][schema.ERROR]
+    assert rows["f0"][-1][schema.END] == 176_000
+
+
+def test_a_server_that_keeps_failing_is_a_server_error_not_not_found():
+    with file_server(statuses=(503,) * 100) as server:
+        started = time.monotonic()
+        rows = decode_task([f"{server}/jfk.flac"])
+        elapsed = time.monotonic() - started
+    (row,) = rows["f0"]
+    assert row[schema.ERROR] == f"fetch_error: server error 503: {server}/jfk.flac", row[schema.ERROR]
+    assert 3 <= elapsed < 20, elapsed  # tried 3 times, 1 s and 2 s apart
+
+
+def test_a_redirect_loop_says_so():
+    with file_server() as server:
+        rows = decode_task([f"{server}/loop/jfk.flac"])
+    (row,) = rows["f0"]
+    assert row[schema.ERROR].startswith("fetch_error: redirect loop (too many redirects): http://"), row[schema.ERROR]
+
+
+def test_every_query_value_but_the_harmless_ones_is_hidden_in_rows_and_messages():
+    """Tokens come under any name (access_token, api_key, code, ...): only parameters known to be harmless
+    keep their values, in the stored `audio` column and in error messages alike."""
+    query = "access_token=tok-SECRET-1&api_key=key-SECRET-2&format=flac&versionId=7&SECRETflag"
+    with file_server() as server:
+        rows = decode_task([f"{server}/jfk.flac?{query}"])
+    with file_server(statuses=(503,) * 100) as server:
+        failed = decode_task([f"{server}/jfk.flac?{query}"])
+    stored, error = rows["f0"][0][schema.AUDIO], failed["f0"][0][schema.ERROR]
+    assert rows["f0"][0][schema.ERROR] is None  # fetched with the real query
+    assert stored.endswith("/jfk.flac?access_token=***&api_key=***&format=flac&versionId=7&***"), stored
+    assert "SECRET" not in stored and "SECRET" not in error, error
+    assert error.endswith("/jfk.flac?access_token=***&api_key=***&format=flac&versionId=7&***"), error
+
+
+def test_ids_stay_apart_and_survive_re_signing():
+    """A default id hashes storage.stable_uri: a re-signed URL keeps its id; URLs that differ in another
+    parameter keep different ids although both are stored as ?file=***."""
+    from ray_whisper.io.storage import public_uri, stable_uri
+
+    a, b = "https://h/get?file=a.mp3&sig=1", "https://h/get?file=b.mp3&sig=1"
+    assert public_uri(a) == public_uri(b) == "https://h/get?file=***&sig=***"
+    assert stable_uri(a) != stable_uri(b)
+    assert stable_uri(a) == stable_uri(a.replace("sig=1", "sig=2"))

@@ -16,15 +16,18 @@ import fsspec
 import numpy as np
 
 from ..constants import N_SAMPLES, SAMPLE_RATE
-from ..errors import DecodeError, FetchError, FileError, NoAudioError, one_line, redact
-from .storage import BACKOFF_S, FETCH_ATTEMPTS, network_failure, public_uri, strip
+from ..errors import DecodeError, FetchError, FileError, NoAudioError, TruncatedError, one_line, redact
+from .storage import BACKOFF_S, FETCH_ATTEMPTS, http_failure, network_failure, public_uri, strip
 
 T = TypeVar("T")
 
+# Decoded audio this much shorter than its container declares is a cut file (codec padding is milliseconds)
+SHORT_BY_S = 1.0
+
 @contextmanager
 def _fetch_errors(uri: str) -> Iterator[None]:
-    """Translate storage exceptions into FetchError with a one-line, secret-free reason; a timeout or a failed
-    connection is marked transient (tried again)."""
+    """Translate storage exceptions into FetchError with a one-line, secret-free reason; a timeout, a failed
+    connection, a 5xx or a 429 is marked transient (tried again)."""
     try:
         yield
     except FileError:
@@ -39,6 +42,12 @@ def _fetch_error(uri: str, e: BaseException) -> FetchError:
     if network:  # before FileNotFoundError: fsspec's HTTP filesystem reports a dead server as "not found"
         error = FetchError(f"{network}: {where} ({type(e).__name__}; the timeout is --fetch-timeout-s)")
         error.transient = True
+        return error
+    answer = http_failure(e)  # before FileNotFoundError too: fsspec reports a 503 or a redirect loop as "not found"
+    if answer:
+        reason, transient = answer
+        error = FetchError(f"{reason}: {where}")
+        error.transient = transient
         return error
     if isinstance(e, FileNotFoundError):
         return FetchError(f"not found: {where}")
@@ -104,8 +113,9 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
     resampled to 16 kHz.
 
     Yields float32 arrays of about `piece_samples` samples (the last may be shorter). Raises DecodeError or
-    NoAudioError; a stream that breaks part-way raises DecodeError after yielding what decoded cleanly, and
-    the caller decides what to keep.
+    NoAudioError; a stream that breaks part-way raises DecodeError after yielding what decoded cleanly, and one
+    that ends more than SHORT_BY_S before the length its container declares raises TruncatedError ("decoded
+    X s of Y s") after yielding all of it; the caller decides what to keep.
     """
     import av
 
@@ -115,6 +125,7 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         source = io.BytesIO(source)
     elif not isinstance(source, _Stream):
         source = _Stream(source, "")
+    wav_s = _wav_header_seconds(source)
     try:
         container = av.open(source, mode="r")
     except Exception as e:
@@ -125,6 +136,7 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         if not container.streams.audio:
             raise NoAudioError("the file has no audio stream")
         stream = container.streams.audio[0]
+        declared = wav_s or _declared_seconds(container, stream)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         pending: list[np.ndarray] = []
         pending_len = 0
@@ -152,10 +164,61 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         failure = getattr(source, "failure", None)
         if failure is not None:  # the bytes stopped coming, the file is not broken: a fetch error, whatever PyAV said
             raise failure
+        decoded = _decoded(total / SAMPLE_RATE, declared)
         if error is not None:
-            raise DecodeError(f"audio stream is corrupt after {total / SAMPLE_RATE:.1f} s: {one_line(error)}") from error
+            raise DecodeError(f"{decoded}, then the audio stream is corrupt: {one_line(error)}") from error
         if total == 0:
             raise NoAudioError("the audio stream holds no samples")
+        if declared is not None and declared - total / SAMPLE_RATE > SHORT_BY_S:
+            raise TruncatedError(decoded)
+
+
+def _decoded(seconds: float, declared: float | None) -> str:
+    return f"decoded {seconds:.1f} s" + (f" of {declared:.1f} s" if declared else "")
+
+
+def _declared_seconds(container: Any, stream: Any) -> float | None:
+    """The audio stream's length as its container declares it (FLAC's STREAMINFO, an mp3's Xing header, an
+    mp4's index), or None where FFmpeg only estimated it from the file's size and bit rate: an estimate from
+    the size cannot show that bytes are missing, and from a VBR mp3's first frame it can be far too long."""
+    import av
+
+    if stream.duration is not None and stream.time_base is not None:
+        declared = float(stream.duration * stream.time_base)
+    elif container.duration is not None and len(container.streams) == 1:  # not a video's length: its audio may end first
+        declared = container.duration / av.time_base
+    else:
+        return None
+    bit_rate = sum(s.bit_rate or 0 for s in container.streams)
+    size = container.size
+    if bit_rate > 0 and size > 0 and abs(declared - size * 8 / bit_rate) <= max(0.5, 0.02 * declared):
+        return None
+    return declared
+
+
+def _wav_header_seconds(f: Any) -> float | None:
+    """The length a WAV header declares (its data chunk's size over the byte rate), or None for any other file.
+    FFmpeg trusts the file's size over a header that claims more, so a WAV cut short would decode as whole."""
+    try:
+        f.seek(0)
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return None
+        byte_rate = 0
+        for _ in range(32):  # the chunks before 'data': fmt, LIST, fact, ...
+            header = f.read(8)
+            if len(header) < 8:
+                return None
+            name, size = header[:4], int.from_bytes(header[4:], "little")
+            if name == b"data":  # 0 or 0xFFFFFFFF: a writer that did not know the length
+                return size / byte_rate if byte_rate and 0 < size < 0xFFFFFFFF else None
+            body = f.read(16) if name == b"fmt " else b""
+            if len(body) >= 12:
+                byte_rate = int.from_bytes(body[8:12], "little")
+            f.seek(size + (size & 1) - len(body), 1)
+        return None
+    finally:
+        f.seek(0)
 
 
 class _Stream(io.RawIOBase):

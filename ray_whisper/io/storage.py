@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from ..config import StorageOptions
-from ..errors import redact
+from ..errors import redact, redact_query
 
 
 def protocol(uri: str) -> str:
@@ -44,22 +44,38 @@ PRESIGN_PARAMS = frozenset({
 })
 
 
+def _without_password(netloc: str) -> str:
+    if "@" not in netloc:
+        return netloc
+    user, _, host = netloc.rpartition("@")
+    return f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else netloc
+
+
 def public_uri(uri: str) -> str:
-    """The URI as it may be shown and stored: a URL's password and the values of its signing parameters
-    replaced by ***. Stable across re-signing, so ids derived from it survive a fresh presigned URL."""
+    """The URI as it may be shown and stored: a URL's password and the value of every query parameter that
+    is not known to be harmless (errors.HARMLESS_QUERY_PARAMS: format, versionId, ...) replaced by ***, so
+    that access_token=, api_key= or a signature never reach the output or a log."""
     if "://" not in uri:
         return uri
     parts = urllib.parse.urlsplit(uri)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user.split(':', 1)[0]}:***@{host}" if ":" in user else netloc
+    fragment = redact_query(parts.fragment) if "=" in parts.fragment else parts.fragment
+    return urllib.parse.urlunsplit((parts.scheme, _without_password(parts.netloc), parts.path,
+                                    redact_query(parts.query), fragment))
+
+
+def stable_uri(uri: str) -> str:
+    """What a default id is derived from (manifest.stable_id): the URI without its password and the values
+    of its signing parameters (PRESIGN_PARAMS), so a re-signed URL keeps its id, while URLs that differ in
+    any other parameter (?file=a.mp3, ?file=b.mp3) keep different ids. Hashed, never shown."""
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
     query = "&".join(
         f"{k}=***" if k.lower() in PRESIGN_PARAMS else (f"{k}={v}" if v or "=" in pair else k)
         for pair in parts.query.split("&") if pair
         for k, _, v in [pair.partition("=")]
     )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urllib.parse.urlunsplit((parts.scheme, _without_password(parts.netloc), parts.path, query, parts.fragment))
 
 
 def is_object_store(uri: str) -> bool:
@@ -79,7 +95,7 @@ def _env_token() -> str:
     return hashlib.sha256(values.encode()).hexdigest()
 
 
-FETCH_ATTEMPTS = 3  # a fetch that times out or cannot connect is tried this many times in all
+FETCH_ATTEMPTS = 3  # a fetch that times out, cannot connect, or gets a 5xx or 429 is tried this many times in all
 BACKOFF_S = 1.0  # before the second attempt; doubled before each next one
 
 
@@ -133,17 +149,45 @@ def arrow_filesystem(fs: Any) -> Any:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def _chain(e: BaseException | None, depth: int = 8) -> list[BaseException]:
+    """`e` and the errors it was raised from (fsspec wraps the real cause of a failed HTTP read)."""
+    out: list[BaseException] = []
+    while e is not None and len(out) < depth:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
 def network_failure(e: BaseException) -> str | None:
     """"timed out" or "unreachable" when `e`, or an error it was raised from, is a timeout or a failed
     connection (fsspec's HTTP filesystem reports both as FileNotFoundError, the real cause chained); else None."""
-    seen = 0
-    while e is not None and seen < 8:
-        name = type(e).__name__
-        if isinstance(e, TimeoutError) or "Timeout" in name:
+    for cause in _chain(e):
+        name = type(cause).__name__
+        if isinstance(cause, TimeoutError) or "Timeout" in name:
             return "timed out"
-        if isinstance(e, ConnectionError) or any(w in name for w in ("Connect", "Connection", "Endpoint")):
+        if isinstance(cause, ConnectionError) or any(w in name for w in ("Connect", "Connection", "Endpoint")):
             return "unreachable"
-        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def http_failure(e: BaseException) -> tuple[str, bool] | None:
+    """What an HTTP server answered, when that is why `e` (or an error it was raised from) happened, and whether
+    another try may help: 5xx and 429 may pass, a redirect loop or a refusal will not. None for no HTTP answer,
+    and for 404 (fsspec reports it as FileNotFoundError: "not found")."""
+    for cause in _chain(e):
+        if type(cause).__name__ == "TooManyRedirects":  # aiohttp, after 10 redirects
+            return "redirect loop (too many redirects)", False
+        status = getattr(cause, "status", None)
+        if not isinstance(status, int) or getattr(cause, "request_info", None) is None:  # aiohttp.ClientResponseError
+            continue
+        if status >= 500:
+            return f"server error {status}", True
+        if status == 429:
+            return "rate limited (429 Too Many Requests)", True
+        if status in (401, 403):
+            return f"access denied ({status})", False
+        if status != 404:
+            return f"HTTP {status}", False
     return None
 
 
