@@ -29,9 +29,9 @@ def row(i: str, status: str = "ok", fingerprint: str = "fp", text: str = "hi") -
 
 
 def finish(out: OutputDir, table: pa.Table, rows: list[dict], run: str = "r1", fingerprint: str = "fp",
-           retry_errors: bool = False):
+           retry_errors: bool = False, overwrite: bool = False):
     """A whole run as the pipeline does it, with `rows` as what its assemble stage wrote."""
-    todo, done = out.begin(table, fingerprint, overwrite=False, retry_errors=retry_errors)
+    todo, done = out.begin(table, fingerprint, overwrite=overwrite, retry_errors=retry_errors)
     wrote = [r for r in rows if r["id"] in set(todo["id"].to_pylist())]
     receipts = schema.RECEIPT_SCHEMA.empty_table()
     if wrote:
@@ -99,14 +99,18 @@ def test_a_rerun_with_other_options_keeps_the_rows_and_says_how_to_redo_them(tmp
     assert todo["id"].to_pylist() == ["a"]
 
 
-def test_overwrite_removes_our_parts_only(tmp_path):
+def test_overwrite_removes_our_parts_only_and_only_when_the_new_run_commits(tmp_path):
     out = OutputDir.open(str(tmp_path / "out"))
     finish(out, manifest("a"), [row("a")])
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "part-foreign.parquet").write_bytes(b"x")
-    out.begin(manifest("a"), "fp", overwrite=True, retry_errors=False)
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["notes.txt", "part-foreign.parquet"]
+    old = sorted(p.name for p in (tmp_path / "out").glob("part-r1-*"))
+    todo, _ = out.begin(manifest("a"), "fp", overwrite=True, retry_errors=False)
+    assert todo["id"].to_pylist() == ["a"] and old == sorted(p.name for p in (tmp_path / "out").glob("part-r1-*"))
+    finish(OutputDir.open(str(tmp_path / "out")), manifest("a"), [row("a", text="new")], run="r2", overwrite=True)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("part-r2-"))
+    assert names == ["_SUCCESS", "_ray_whisper", "notes.txt", "part-foreign.parquet"]
+    assert read_results(str(tmp_path / "out"))["text"].to_pylist() == ["new"]
 
 
 def test_retry_errors_adds_rows_and_the_latest_wins(tmp_path):
