@@ -101,10 +101,10 @@ class DecodingOptions(_Group):
     )
     beam_size: int = _opt(1, "1 = greedy decoding; above 1, beam search with that many beams (slower).")
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = _opt(
-        "auto", "Model precision. auto: float16 on GPU, float32 on CPU. int8 (CPU only): the linear layers "
-        "quantised to int8 at load (dynamic quantisation; ~1.4x faster on CPU, the vocabulary projection stays "
-        "float32). bfloat16 on a CPU with AMX or AVX512-BF16: ~1.5x faster than float32 at the same WER "
-        "(the README's Benchmark).",
+        "auto", "Model precision. auto: float16 on GPU; on CPU bfloat16 where the CPU computes it natively (AMX "
+        "or AVX512-BF16: 1.3-1.5x faster than float32 at the same WER, docs/performance.md), else float32. int8 "
+        "(CPU only): the linear layers quantised to int8 at load (dynamic quantisation, the vocabulary "
+        "projection stays float32; its WER cost is in docs/performance.md).",
     )
     no_speech_threshold: float = _opt(
         0.6, "A chunk whose no-speech probability is above this AND whose mean token log-probability is "
@@ -310,30 +310,30 @@ class ServeOptions(_Group):
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
     port: int = _opt(8000, "Port of the HTTP endpoint.")
     max_upload_mb: float = _opt(25.0, "Largest upload accepted, in MB (larger: 413).")
-    max_batch_size: int | None = _opt(
-        None, "Most chunks, from all requests in flight, decoded together. Default: as transcribe's "
-        "--batch-size (32 on a GPU, 16 on CPU, fewer for big models).",
-    )
-    batch_wait_timeout_s: float = _opt(
-        0.05, "How long the first chunk of a batch waits for others to join it before the batch runs.",
-    )
+    max_batch_size: int | None = _opt(None, "Most chunks, of all requests in flight, decoded together. Default: as "
+                                      "transcribe's --batch-size (32 on a GPU, 16 on CPU, fewer for big models).")
+    batch_wait_timeout_s: float = _opt(0.05, "How long a batch's first chunk waits for others to join it.")
     min_replicas: int = _opt(1, "Fewest model replicas (autoscaling lower bound).")
     max_replicas: int = _opt(1, "Most model replicas (autoscaling upper bound).")
     gpus_per_replica: float | None = _opt(None, "GPUs per replica. Default: 1 when the cluster has GPUs, else 0.")
     cpus_per_replica: float = _opt(1.0, "CPUs reserved by each replica.")
-    max_ongoing_requests: int = _opt(64, "Requests a replica holds at once (queued beyond that).")
+    max_queued_requests: int | None = _opt(None, "Requests a replica holds past their upload (waiting or decoding); "
+                                           "more get 503 + Retry-After at once. Default: 2 x the batch size.")
+    queue_timeout_s: float | None = _opt(None, "Refuse (503) a chunk that waited this long for a batch. Default: none.")
+    max_uploads: int = _opt(128, "Uploads a replica reads at once; more get 503 with Retry-After.")
+    upload_timeout_s: float = _opt(30.0, "Time to send a request's whole body; slower: 408.")
+    drain_timeout_s: float = _opt(60.0, "On SIGTERM/Ctrl-C: time for requests in flight to finish (new ones: 503).")
+    max_ongoing_requests: int | None = _opt(None, "Serve's slots per replica. Default: queued + uploads + 32.")
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, "--port must be a TCP port (1-65535)")
-        _check(self.max_upload_mb > 0, "--max-upload-mb must be > 0")
-        _check(self.max_batch_size is None or self.max_batch_size >= 1, "--max-batch-size must be >= 1")
         _check(0 <= self.batch_wait_timeout_s <= 10, "--batch-wait-timeout-s must be in [0, 10] seconds")
         _check(1 <= self.min_replicas <= self.max_replicas,
                f"--min-replicas ({self.min_replicas}) must be >= 1 and <= --max-replicas ({self.max_replicas})")
         _check(self.gpus_per_replica is None or 0 <= self.gpus_per_replica <= 8, "--gpus-per-replica must be in [0, 8]")
-        _check(self.cpus_per_replica > 0, "--cpus-per-replica must be > 0")
-        _check(self.max_ongoing_requests >= 1, "--max-ongoing-requests must be >= 1")
-
+        for name in ("max_upload_mb", "max_batch_size", "cpus_per_replica", "max_queued_requests", "queue_timeout_s",
+                     "max_uploads", "upload_timeout_s", "drain_timeout_s", "max_ongoing_requests"):
+            _check(getattr(self, name) is None or getattr(self, name) > 0, f"{flag(name)} must be > 0")
 
 GROUPS: dict[str, type] = {
     "decoding": DecodingOptions, "chunks": ChunkOptions, "resources": ResourceOptions, "run": RunOptions,

@@ -216,3 +216,21 @@ def test_cross_attention_dtype_narrows_only_float32_on_cpu():
     assert cross_attention_dtype("cpu", torch.bfloat16) is None
     x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # where it was measured
     assert cross_attention_dtype("cpu", torch.float32) == (torch.bfloat16 if x86 else None)
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_natively():
+    """--dtype auto on CPU: bfloat16 with AMX or AVX512-BF16 (measured faster at the same WER:
+    benchmarks/dtypes.py), float32 on an AVX2 or AVX-512 CPU without them; float16 on a GPU."""
+    from ray_whisper.model.runtime import auto_cpu_dtype, cpu_flags, resolve_dtype
+
+    assert auto_cpu_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == torch.bfloat16  # AMD EPYC (Zen 4)
+    assert auto_cpu_dtype(frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16"})) == torch.bfloat16  # Xeon (AMX)
+    assert auto_cpu_dtype(frozenset({"avx2", "avx512f", "avx512bw"})) == torch.float32  # AVX-512, no bfloat16
+    assert auto_cpu_dtype(frozenset({"avx2", "fma"})) == torch.float32
+    assert auto_cpu_dtype(frozenset()) == torch.float32  # flags unknown (not Linux)
+    flags = cpu_flags()
+    assert "sse2" in flags or not flags  # this CPU's own flags are read (every x86-64 CPU lists sse2)
+    with open("/proc/cpuinfo") as f:
+        native = any(word in line.split() for line in f if line.startswith("flags") for word in ("avx512_bf16", "amx_bf16"))
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", "cuda") == torch.float16
