@@ -125,10 +125,7 @@ class OutputDir:
         if foreign:
             log.warning("%d file(s) in %s named like parts are not ours and are ignored (left as they are): %s",
                         len(foreign), self.uri, "; ".join(foreign[:3]) + ("; ..." if len(foreign) > 3 else ""))
-        if not tables:
-            fields = [schema.OUTPUT_SCHEMA.field(c) for c in (columns or schema.OUTPUT_SCHEMA.names)]
-            return pa.schema(fields + [pa.field(schema.PART, pa.string())]).empty_table()
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables) if tables else _no_rows(columns)
 
     def begin(self, manifest: pa.Table, fingerprint: str, *, overwrite: bool, retry_errors: bool) -> tuple[pa.Table, pa.Table]:
         """Prepare the directory for a run: returns (the manifest rows still to do, the rows already done).
@@ -138,9 +135,9 @@ class OutputDir:
             if name == SUCCESS or name.startswith(TEMP_PREFIX):
                 self.fs.rm(self.path(name))
         self.replacing = overwrite
-        existing = self.scan()
         if overwrite:
-            return manifest, existing.slice(0, 0)
+            return manifest, _no_rows(SCAN_COLUMNS)
+        existing = self.scan()
         existing = existing.filter(pc.is_in(existing[schema.ID], manifest[schema.ID]))
         lost = pc.starts_with(pc.fill_null(existing[schema.ERROR], ""), f"{LOST}:")
         redo = pc.or_(lost, pc.equal(existing[schema.STATUS], schema.STATUS_ERROR)) if retry_errors else lost
@@ -227,6 +224,11 @@ class OutputDir:
             put_whole(self.fs, self.uri, self.root, new, kept)
         self.fs.rm(self.path(name))
         return new
+
+
+def _no_rows(columns: list[str] | None) -> pa.Table:
+    fields = [schema.OUTPUT_SCHEMA.field(c) for c in (columns or schema.OUTPUT_SCHEMA.names)]
+    return pa.schema(fields + [pa.field(schema.PART, pa.string())]).empty_table()
 
 
 def latest_per_id(rows: pa.Table) -> pa.Table:
