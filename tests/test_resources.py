@@ -96,3 +96,38 @@ def test_automatic_batch_size_fits_the_models_decoder_cache_in_memory():
     assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 4
     assert plan_resources(TranscribeOptions().resources, {"CPU": 8.0, "GPU": 1.0}, [8.0], LARGE_V3).batch_size == 32
     assert plan_resources(TranscribeOptions(batch_size=3).resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 3
+
+
+@pytest.mark.slow
+def test_the_parameter_count_from_a_config_is_the_checkpoints_own(bundled_model, multilingual_model):
+    """gpu_plan's arithmetic starts from the parameter count: computed from config.json, it must equal the
+    number of weights in the real checkpoints (tiny.en, and the multilingual base)."""
+    import json
+    from pathlib import Path
+
+    from ray_whisper.model.network import read_state_dict
+    from ray_whisper.model.resources import parameters
+
+    for path in (bundled_model, multilingual_model):
+        config = json.loads((Path(path) / "config.json").read_text())
+        assert parameters(config) == sum(t.numel() for t in read_state_dict(Path(path)).values()), path
+
+
+def test_the_gpu_sizing_table_is_computed_with_the_automatic_batch_size():
+    from ray_whisper.model.resources import auto_batch_size, gpu_plan, gpu_sizing_table, whisper_sizes
+
+    sizes = whisper_sizes()
+    assert {"tiny", "base", "small", "medium", "large-v3", "large-v3-turbo"} <= set(sizes)
+    plans = {name: gpu_plan(config) for name, config in sizes.items()}
+    for name, plan in plans.items():
+        assert plan.batch_size == auto_batch_size(True, sizes[name]), name  # one computation for both
+        assert plan.weights_bytes == 2 * plan.parameters and plan.actor_bytes > plan.weights_bytes
+        assert 0 < plan.gpus_per_actor <= 1
+    # the published sizes, in millions (openai/whisper's model card rounds them)
+    published = {"tiny": 39, "base": 74, "small": 244, "medium": 769, "large-v3": 1550, "large-v3-turbo": 809}
+    for name, millions in published.items():
+        assert abs(plans[name].parameters / 1e6 - millions) / millions < 0.05, name
+    assert plans["large-v3"].gpus_per_actor == 1 and plans["tiny"].gpus_per_actor < 1  # large fills a 24 GB GPU
+    assert gpu_plan(sizes["large-v3"], 80 << 30).gpus_per_actor < 1  # an 80 GB GPU takes several
+    table = gpu_sizing_table()
+    assert all(f"| {name} |" in table for name in sizes)

@@ -3,9 +3,11 @@ start with: pure functions, tested without Ray."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import ResourceOptions, int8_on_gpu
@@ -51,16 +53,56 @@ def model_actor_options(dtype: str, gpus: float, gpu_flag: str) -> dict[str, Any
     return {} if gpus > 0 else {"runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
 
 
+def cross_cache_bytes(model_config: dict[str, Any], gpu: bool) -> int:
+    """Bytes of decoder cross-attention cache one chunk holds through its whole decoding: keys and values,
+    every decoder layer, 1500 encoder positions, in float16 on a GPU and float32 on CPU."""
+    return (2 * int(model_config["decoder_layers"]) * int(model_config.get("max_source_positions", 1500))
+            * int(model_config["d_model"]) * (2 if gpu else 4))
+
+
 def auto_batch_size(gpu: bool, model_config: dict[str, Any] | None) -> int:
     """Chunks per model call for a model (its transformers config.json) on a GPU (fp16) or CPU (fp32)."""
     budget, cap = BATCH_MEMORY["gpu" if gpu else "cpu"]
     if not model_config:
         return cap
-    per_chunk = (  # keys and values, every decoder layer, 1500 encoder positions
-        2 * int(model_config["decoder_layers"]) * int(model_config.get("max_source_positions", 1500))
-        * int(model_config["d_model"]) * (2 if gpu else 4)
-    )
-    return max(1, min(cap, budget // per_chunk))
+    return max(1, min(cap, budget // cross_cache_bytes(model_config, gpu)))
+
+
+def parameters(config: dict[str, Any]) -> int:
+    """The parameter count of a Whisper checkpoint from its config (embeddings and positions included, the
+    output projection tied to the token embedding)."""
+    d, mels = int(config["d_model"]), int(config["num_mel_bins"])
+    attention = 4 * d * d + 3 * d  # q, k, v, out; k has no bias
+
+    def ffn(width: int) -> int:
+        return 2 * d * width + width + d
+
+    encoder = (mels * d * 3 + d) + (d * d * 3 + d) + int(config["max_source_positions"]) * d + 2 * d + \
+        int(config["encoder_layers"]) * (attention + ffn(int(config["encoder_ffn_dim"])) + 4 * d)
+    decoder = (int(config["vocab_size"]) + int(config["max_target_positions"])) * d + 2 * d + \
+        int(config["decoder_layers"]) * (2 * attention + ffn(int(config["decoder_ffn_dim"])) + 6 * d)
+    return encoder + decoder
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """What one model actor of a checkpoint needs on a GPU in float16, computed from its config (not measured)."""
+
+    parameters: int
+    weights_bytes: int  # float16
+    batch_size: int  # the automatic --batch-size on a GPU
+    actor_bytes: int  # weights and the decoder caches of one full batch
+    gpus_per_actor: float  # a suggested --gpus-per-actor on a GPU of the given memory
+
+
+def gpu_plan(config: dict[str, Any], gpu_bytes: int = 24 << 30, most_per_gpu: int = 4) -> GpuPlan:
+    """One actor's share of a GPU of `gpu_bytes`: as many actors as fit 90% of its memory, at most
+    `most_per_gpu` (beyond that they compete for the same compute), as --gpus-per-actor = 1 / actors."""
+    params, batch = parameters(config), auto_batch_size(True, config)
+    self_cache = 2 * int(config["decoder_layers"]) * int(config["max_target_positions"]) * int(config["d_model"]) * 2
+    need = 2 * params + batch * (cross_cache_bytes(config, True) + self_cache)
+    actors = max(1, min(most_per_gpu, int(0.9 * gpu_bytes // need)))
+    return GpuPlan(params, 2 * params, batch, need, round(1 / actors, 2))
 
 
 def torch_threads(cpus_per_model: float, node_cpus: list[float], models: int) -> int:
@@ -101,3 +143,20 @@ def plan_resources(
     batch_size = options.batch_size or auto_batch_size(gpus_per_actor > 0, model_config)
     cpu_threads = torch_threads(options.cpus_per_actor, node_cpus or [cluster.get("CPU", 1)], max_actors)
     return Resources(batch_size, options.min_actors, max_actors, gpus_per_actor, options.cpus_per_actor, cpu_threads)
+
+
+def whisper_sizes() -> dict[str, dict[str, Any]]:
+    """The config fields of the published Whisper sizes (data/whisper_sizes.json), by name."""
+    sizes = json.loads((Path(__file__).parents[1] / "data" / "whisper_sizes.json").read_text())
+    return {name: config for name, config in sizes.items() if not name.startswith("_")}
+
+
+def gpu_sizing_table(gpu_bytes: int = 24 << 30) -> str:
+    """The README's GPU sizing table (markdown), computed by gpu_plan from each size's config."""
+    rows = ["| model | parameters | float16 weights | --batch-size (auto) | memory per actor | --gpus-per-actor |",
+            "|---|---|---|---|---|---|"]
+    for name, config in whisper_sizes().items():
+        plan = gpu_plan(config, gpu_bytes)
+        rows.append(f"| {name} | {plan.parameters / 1e6:.0f} M | {plan.weights_bytes / 2**30:.2f} GiB | {plan.batch_size} "
+                    f"| {plan.actor_bytes / 2**30:.1f} GiB | {plan.gpus_per_actor:g} |")
+    return "\n".join(rows)
