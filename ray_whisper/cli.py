@@ -141,13 +141,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from .serve.app import build
+    from .serve.app import build, clear_drain, drain
 
     decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
     options = _options(args, config.ServeOptions)
     _quiet_ray_logging()
     local = connect()
     serve.start(http_options={"host": options.host, "port": options.port})
+    clear_drain("ray_whisper")
     serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
     host, port = _listening(options)
     print(f"serving {decoding.model} on http://{host}:{port}/v1/audio/transcriptions "
@@ -157,11 +158,16 @@ def _serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print(f"ray-whisper: draining: new requests get 503, those in flight have {options.drain_timeout_s:g} s "
+              "(--drain-timeout-s)", file=sys.stderr, flush=True)
+        drained = drain("ray_whisper", options.drain_timeout_s)
         if local:
             serve.shutdown()
         else:  # a shared cluster: only this app goes, other Serve apps stay
             serve.delete("ray_whisper")
-        print("ray-whisper: the endpoint stopped", file=sys.stderr)
+        clear_drain("ray_whisper")
+        print("ray-whisper: the endpoint stopped" + ("" if drained else " (requests left at the deadline got 503)"),
+              file=sys.stderr)
     return 0
 
 

@@ -3,14 +3,16 @@
     ray-whisper serve --port 8000             # or: serve run ray_whisper.serve:app
     POST /v1/audio/transcriptions  (and /v1/audio/translations)   multipart: file, model, language, prompt,
          response_format (json, text, srt, vtt, verbose_json), temperature, timestamp_granularities[]
-    GET  /health
+    GET  /health (liveness, per replica), GET /ready (503 with the reason while this replica refuses work),
+    GET  /-/healthz (Serve's proxy: never reaches a replica)
 
 A request's audio is decoded and cut into chunks by the batch job's own functions (io.audio, asr.chunking);
 its chunks join the chunks of every other request in flight in one queue (queue.BatchQueue), drained in
 batches whenever the model is free through the one engine (asr.engine.Engine); its transcript is the same
 merge of its chunks (asr.merge.merge_file), written in the export's formats (protocol.respond). Bad input is
-an OpenAI-style JSON error (400 not audio, 413 too large, 422 a missing or bad field, 500 a model failure,
-with the request id); it never takes the replica down.
+an OpenAI-style JSON error (400 a malformed form or a bad field, 404/405 a wrong path or method, 408 an upload
+slower than --upload-timeout-s, 413 too large, 503 + Retry-After refused under load or while draining
+(admission.Gate), 500 a model failure), with the request id; it never takes the replica down.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time
@@ -19,14 +21,19 @@ import collections
 import dataclasses
 import hashlib
 import logging
+import os
+import statistics
+import time
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..asr.chunking import ChunkGeometry, chunk_seed, is_silent, iter_chunks
@@ -39,12 +46,34 @@ from ..errors import ConfigError, FileError
 from ..io.audio import decode_all
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..model.resources import auto_batch_size, model_actor_options, torch_threads
-from .protocol import ApiError, Fields, read_fields, request_id, respond, schedule
-from .queue import BatchQueue
+from .admission import Gate, clear_drain, drain, watch_drain
+from .protocol import ApiError, Fields, RequestId, read_fields, respond, schedule
+from .queue import BatchQueue, Expired
 
 log = logging.getLogger(__name__)
+__all__ = ["Service", "app", "build", "clear_drain", "drain", "replica_warning"]  # drain: `ray-whisper serve` stopping
 
 api = FastAPI(title="ray_whisper", description="Whisper on Ray Serve, compatible with OpenAI's audio API")
+CPU_THREADS_PER_REPLICA = 4  # fewer torch threads than this per CPU replica: one replica batches better
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """A wrong path or method in OpenAI's error shape (FastAPI's own is {"detail": ...})."""
+    param = {404: "path", 405: "method"}.get(e.status_code)
+    message = {404: f"no route {request.url.path}; the API is POST /v1/audio/transcriptions and "
+                    "/v1/audio/translations, GET /health and /ready",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+    reply = ApiError(e.status_code, message, param).response(RequestId.of(request))
+    reply.headers.update(getattr(e, "headers", None) or {})  # 405's Allow
+    return reply
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    first = (e.errors() or [{}])[0]
+    return ApiError(400, str(first.get("msg", e)), ".".join(map(str, first.get("loc", ())[1:])) or None
+                    ).response(RequestId.of(request))
 
 
 @dataclass
@@ -69,16 +98,38 @@ class Service:
         self.decoding = decoding
         # automatic: as the batch job's model actors size theirs, for the device this replica really got
         size = options.max_batch_size or auto_batch_size(self.engine.device == "cuda", self.engine.checkpoint.config)
-        self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, size, options.batch_wait_timeout_s)
+        self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, size, options.batch_wait_timeout_s,
+                                                 options.queue_timeout_s)
+        self.gate = Gate(options.max_queued_requests or 2 * size, options.max_uploads, self._retry_after)
         self.batches = self.chunks = 0
         self.recent: collections.deque[int] = collections.deque(maxlen=32)  # sizes of the last batches
+        self.seconds: collections.deque[float] = collections.deque(maxlen=8)  # times of the last batches
+        self.prompt_window = int(self.engine.checkpoint.config.get("max_target_positions", 448)) // 2 - 1
+        self.started = time.time()
+        self.app_name, self.replica = _replica_names()
+        self._watch: asyncio.Task | None = None
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
+        """Liveness: answered by the replica's event loop, never behind audio; its figures are this replica's
+        since it started (`replica`, `up_s`)."""
+        self._watching()
         mean = self.chunks / self.batches if self.batches else 0.0
-        return {"status": "ok", "model": self.model_name, "batches": self.batches, "chunks": self.chunks,
-                "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent),
-                "max_batch_size": self.queue.max_batch_size, "queued_chunks": self.queue.waiting}
+        return {"status": "ok", "model": self.model_name, "replica": self.replica, "up_s": round(time.time() - self.started, 1),
+                "batches": self.batches, "chunks": self.chunks, "mean_batch_size": round(mean, 2),
+                "recent_batch_sizes": list(self.recent), "max_batch_size": self.queue.max_batch_size,
+                "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "uploads": self.gate.reading,
+                "refused": self.gate.refused, "draining": self.gate.deadline is not None}
+
+    @api.get("/ready")
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 200 while this replica takes new requests, else 503 with the reason."""
+        self._watching()
+        reason = self.gate.unready()
+        if reason:
+            return ApiError(503, reason, None, "server_error", self._retry_after()).response(RequestId.of(request))
+        return JSONResponse({"status": "ready", "replica": self.replica, "held_requests": self.gate.held},
+                            headers=RequestId.of(request).headers())
 
     @api.post("/v1/audio/transcriptions")
     async def transcriptions(self, request: Request) -> Response:
@@ -88,26 +139,62 @@ class Service:
     async def translations(self, request: Request) -> Response:
         if not self.engine.tokens.multilingual:
             return ApiError(400, f"{self.model_name} is English-only: translation needs a multilingual model",
-                            "model").response(request_id())
+                            "model").response(RequestId.of(request))
         return await self._answer(request, "translate")
 
     async def _answer(self, request: Request, task: str) -> Response:
-        rid = request_id()
+        rid = RequestId.of(request)
+        self._watching()
         try:
-            fields = await read_fields(request, self.options, self.engine.tokens)
-            words = fields.words or self.decoding.word_timestamps
-            variant = (task, schedule(fields.temperature, self.decoding), words)
-            transcript, decoded = await self._transcribe(fields, variant)
-            return respond(transcript, decoded, fields, task, words, self.engine.text, rid)
+            async with self.gate.upload():
+                fields = await self._read(request)
+            async with self.gate.hold():
+                return await self.gate.until_cutoff(self._work(fields, task, rid))
         except ApiError as e:
             return e.response(rid)
         except ClientDisconnect:  # gone mid-upload: nothing decoded, nothing to answer
-            log.info("request %s: the client went away before its upload finished", rid)
+            log.info("request %s: the client went away before its upload finished", rid.value)
             return Response(status_code=499)
+        except Expired as e:
+            return ApiError(503, f"the server is overloaded: this request {e}; try again later (--queue-timeout-s)",
+                            None, "server_error", self._retry_after()).response(rid)
         except Exception:
-            log.exception("request %s failed in the model", rid)
-            return ApiError(500, f"the model failed on this request (request id {rid}); try again, and "
+            log.exception("request %s failed in the model", rid.value)
+            return ApiError(500, f"the model failed on this request (request id {rid.value}); try again, and "
                             "report the id if it persists", None, "server_error").response(rid)
+
+    async def _read(self, request: Request) -> Fields:
+        try:
+            return await asyncio.wait_for(read_fields(request, self.options, self.engine.tokens),
+                                          self.options.upload_timeout_s)
+        except TimeoutError as e:
+            raise ApiError(408, f"the upload took longer than {self.options.upload_timeout_s:g} s "
+                           "(--upload-timeout-s); send the whole body at once", "file") from e
+
+    async def _work(self, fields: Fields, task: str, rid: RequestId) -> Response:
+        words = fields.words or self.decoding.word_timestamps
+        variant = (task, schedule(fields.temperature, self.decoding), words)
+        transcript, decoded = await self._transcribe(fields, variant)
+        return respond(transcript, decoded, fields, task, words, self.engine.text, rid.headers(**self._prompt_cut(fields)))
+
+    def _prompt_cut(self, fields: Fields) -> dict[str, str]:
+        """A prompt longer than the model's prompt window is cut to its last tokens, as Whisper does; the
+        response says so in a header rather than failing a request OpenAI would take."""
+        n = len(self.engine.prompt_ids(fields.prompt) or []) if fields.prompt else 0
+        if n <= self.prompt_window:
+            return {}
+        return {"x-prompt-truncated": f"the prompt's {n} tokens were cut to its last {self.prompt_window}"}
+
+    def _retry_after(self) -> float:
+        """About when a refused client could be taken: the batches ahead of it, at the recent batch time."""
+        batch_s = statistics.mean(self.seconds) if self.seconds else 1.0
+        ahead = max(1, -(-self.gate.held // self.queue.max_batch_size))
+        return min(60.0, max(1.0, batch_s * ahead))
+
+    def _watching(self) -> None:
+        """The drain watch, started in the loop that serves the requests (inside Serve only)."""
+        if self.app_name and (self._watch is None or self._watch.done()):
+            self._watch = asyncio.get_running_loop().create_task(watch_drain(self.gate, self.app_name, self.replica))
 
     async def _transcribe(self, fields: Fields, variant: tuple) -> tuple[Any, list[tuple[Any, ChunkTranscript | None]]]:
         """The upload decoded, cut and sent through the shared queue chunk by chunk, then merged: its
@@ -142,6 +229,7 @@ class Service:
         decoding variant among them), on the model's own thread so that requests keep arriving meanwhile."""
         self.batches, self.chunks = self.batches + 1, self.chunks + len(jobs)
         self.recent.append(len(jobs))
+        started = time.monotonic()
         out: list[Any] = [None] * len(jobs)
         for variant in {j.variant for j in jobs}:
             picked = [i for i, j in enumerate(jobs) if j.variant == variant]
@@ -154,7 +242,17 @@ class Service:
             ))
             for i, result in zip(picked, decoded):
                 out[i] = result
+        self.seconds.append(time.monotonic() - started)
         return out
+
+
+def _replica_names() -> tuple[str | None, str]:
+    """This replica's application and tag inside Serve; (None, "local <pid>") outside it."""
+    try:
+        context = serve.get_replica_context()
+        return context.app_name, str(context.replica_tag)
+    except Exception:  # noqa: BLE001 - Serve raises RayServeException outside a replica
+        return None, f"local {os.getpid()}"
 
 
 # Decorated here rather than at the class: Ray pickles the ingress wrapper it makes by value, and its base class
@@ -170,7 +268,7 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
 
     decoding, chunks, options = decoding or DecodingOptions(), chunks or ChunkOptions(), options or ServeOptions()
     path = resolve_model(decoding.model, decoding.revision)
-    Checkpoint.load(path, decoding.revision)  # its files readable, here rather than in every replica
+    checkpoint = Checkpoint.load(path, decoding.revision)  # its files readable, here rather than in every replica
     cluster = ray.cluster_resources() if ray.is_initialized() else {}
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
     gpus = options.gpus_per_replica
@@ -179,13 +277,40 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     actor_options = model_actor_options(decoding.dtype, gpus, "--gpus-per-replica")
     # on CPU a replica runs torch on its share of the node's cores, as the batch job's model actors do
     threads = torch_threads(options.cpus_per_replica, node_cpus or [cluster.get("CPU", 1)], options.max_replicas)
+    warning = replica_warning(options.min_replicas, gpus, node_cpus or [cluster.get("CPU", 1)], cluster.get("GPU", 0))
+    if warning:
+        log.warning(warning)
+    # admission is the replica's (admission.Gate); Serve's slots leave room for it to refuse and for health probes,
+    # and Serve's own queue in front of the replicas is bounded too
+    held = options.max_queued_requests or 2 * (options.max_batch_size or auto_batch_size(gpus > 0, checkpoint.config))
+    options = dataclasses.replace(options, max_queued_requests=held)
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
     return WhisperService.options(
         ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica, **actor_options},
         autoscaling_config=scaling if options.max_replicas > options.min_replicas else None,
         num_replicas=None if options.max_replicas > options.min_replicas else options.min_replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
+        max_ongoing_requests=options.max_ongoing_requests or held + options.max_uploads + 32,
+        max_queued_requests=held,
+        # Serve's own drain (a replica scaled down or the app deleted) waits as long as ours
+        graceful_shutdown_timeout_s=options.drain_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
     ).bind(path, decoding.model, decoding, chunks, options, threads)
+
+
+def replica_warning(replicas: int, gpus: float, node_cpus: list[float], cluster_gpus: float) -> str | None:
+    """Why `replicas` is more than this cluster can use, or None. On CPU a replica wants at least
+    CPU_THREADS_PER_REPLICA torch threads: below that, the replicas split the batches and the cores and
+    together decode slower than one replica with every core; on GPUs, one replica per GPU."""
+    if gpus > 0:
+        useful = int(cluster_gpus // gpus) if cluster_gpus else replicas
+        rule = f"{gpus:g} GPU(s) per replica and {cluster_gpus:g} GPU(s) in the cluster"
+    else:
+        useful = sum(max(1, int(c) // CPU_THREADS_PER_REPLICA) for c in node_cpus if c > 0) or 1
+        rule = (f"on CPU a replica needs {CPU_THREADS_PER_REPLICA} or more cores to itself, and the nodes have "
+                f"{', '.join(f'{c:g}' for c in node_cpus)} CPUs")
+    if replicas <= useful:
+        return None
+    return (f"--min-replicas {replicas} is more than this cluster can use ({useful}: {rule}); the replicas would "
+            f"split the batches and the cores and answer slower than {useful}. Use --min-replicas {useful}.")
 
 
 def app(args: dict[str, str] | None = None) -> Any:

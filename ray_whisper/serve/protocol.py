@@ -2,12 +2,15 @@
 JSON shape, and a transcript written in the response format asked for. No model here."""
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from ..asr.chunking import Chunk
 from ..asr.merge import ChunkTranscript, FileTranscript
@@ -20,22 +23,44 @@ from ..io.subtitles import render
 from ..languages import LANGUAGE_NAMES
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+MAX_FIELDS = 32  # a transcription form has 8 fields; more is a mistake or an attack
 CODE_NAMES = {code: name for name, code in reversed(list(LANGUAGE_NAMES.items()))}  # "en" -> "english"
+
+
+@dataclass(frozen=True)
+class RequestId:
+    """A request's id: the one Serve's proxy put in its x-request-id header (or the client's own, which the
+    proxy keeps), else a new one. The proxy echoes its id on every response; we add the header only where
+    no proxy did, so a response carries exactly one."""
+
+    value: str
+    echo: bool
+
+    @classmethod
+    def of(cls, request: Request) -> "RequestId":
+        given = request.headers.get("x-request-id")
+        return cls(given, False) if given else cls(f"req_{uuid.uuid4().hex[:20]}", True)
+
+    def headers(self, **more: str) -> dict[str, str]:
+        return {"x-request-id": self.value, **more} if self.echo else dict(more)
 
 
 class ApiError(RayWhisperError):
     """An error answered as OpenAI's API answers one: {"error": {"message", "type", "param", ...}}.
-    `api_type` is OpenAI's error type ("invalid_request_error", "server_error"), not a row kind."""
+    `api_type` is OpenAI's error type ("invalid_request_error", "server_error"), not a row kind;
+    `retry_after_s` is sent as Retry-After (refusals under load or while draining)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 api_type: str = "invalid_request_error"):
+                 api_type: str = "invalid_request_error", retry_after_s: float | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.api_type = status, message, param, api_type
+        self.retry_after_s = retry_after_s
 
-    def response(self, request_id: str) -> JSONResponse:
+    def response(self, rid: RequestId) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.api_type, "param": self.param, "code": None,
-                          "request_id": request_id}}
-        return JSONResponse(body, status_code=self.status, headers={"x-request-id": request_id})
+                          "request_id": rid.value}}
+        more = {} if self.retry_after_s is None else {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+        return JSONResponse(body, status_code=self.status, headers=rid.headers(**more))
 
 
 @dataclass(frozen=True)
@@ -57,10 +82,10 @@ async def read_fields(request: Request, options: ServeOptions, tokens: SpecialTo
     if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise ApiError(413, f"the upload is {int(declared) / 1e6:.1f} MB; this endpoint takes files up to "
                        f"{options.max_upload_mb:g} MB (--max-upload-mb)", "file")
-    form = await request.form(max_files=1, max_fields=32)
+    form = await _form(request)
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
-        raise ApiError(422, "the 'file' field is required: the audio to transcribe, sent as multipart/form-data",
+        raise ApiError(400, "the 'file' field is required: the audio to transcribe, sent as multipart/form-data",
                        "file")
     data = await upload.read()
     if len(data) > limit:
@@ -68,14 +93,31 @@ async def read_fields(request: Request, options: ServeOptions, tokens: SpecialTo
                        f"{options.max_upload_mb:g} MB (--max-upload-mb)", "file")
     fmt = str(form.get("response_format") or "json")
     if fmt not in FORMATS:
-        raise ApiError(422, f"response_format {fmt!r} is not one of {', '.join(FORMATS)}", "response_format")
+        raise ApiError(400, f"response_format {fmt!r} is not one of {', '.join(FORMATS)}", "response_format")
     granularities = set(form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities"))
     if granularities - {"word", "segment"}:
-        raise ApiError(422, "timestamp_granularities[] takes 'word' and 'segment'", "timestamp_granularities[]")
+        raise ApiError(400, "timestamp_granularities[] takes 'word' and 'segment'", "timestamp_granularities[]")
     if granularities and fmt != "verbose_json":
-        raise ApiError(422, "timestamp_granularities[] needs response_format=verbose_json", "timestamp_granularities[]")
+        raise ApiError(400, "timestamp_granularities[] needs response_format=verbose_json", "timestamp_granularities[]")
     return Fields(data, fmt, _language(form.get("language"), tokens), str(form.get("prompt") or "") or None,
                   _temperature(form.get("temperature")), "word" in granularities)
+
+
+async def _form(request: Request) -> Any:
+    """The multipart form; a body that is not one (no boundary, two files, too many fields) is a 400 naming
+    the part at fault, never a server error."""
+    try:
+        return await request.form(max_files=1, max_fields=MAX_FIELDS)
+    except (HTTPException, MultiPartException, ValueError) as e:  # ValueError: python-multipart on a broken body
+        message = str(getattr(e, "detail", None) or e)
+        if "files" in message:
+            raise ApiError(400, "send one 'file' field: this request has more than one", "file") from e
+        if "fields" in message:
+            raise ApiError(400, f"the form has more than {MAX_FIELDS} fields; a transcription takes file, model, "
+                           "language, prompt, response_format, temperature and timestamp_granularities[]",
+                           "form") from e
+        raise ApiError(400, f"the body is not a readable multipart/form-data form ({message}); send the audio "
+                       "as multipart/form-data with a boundary, as OpenAI's clients do", "content-type") from e
 
 
 def _language(value: Any, tokens: SpecialTokens) -> str | None:
@@ -84,7 +126,7 @@ def _language(value: Any, tokens: SpecialTokens) -> str | None:
     try:
         return language_code(str(value), tokens)
     except ValueError as e:
-        raise ApiError(422, str(e), "language") from e
+        raise ApiError(400, str(e), "language") from e
 
 
 def _temperature(value: Any) -> float:
@@ -93,7 +135,7 @@ def _temperature(value: Any) -> float:
     except ValueError:
         t = -1.0
     if not 0 <= t <= 1:
-        raise ApiError(422, f"temperature must be a number between 0 and 1; got {value!r}", "temperature")
+        raise ApiError(400, f"temperature must be a number between 0 and 1; got {value!r}", "temperature")
     return t
 
 
@@ -105,14 +147,9 @@ def schedule(temperature: float, decoding: DecodingOptions) -> str:
     return ",".join(str(t) for t in [temperature] + [s for s in decoding.temperature_steps if s > temperature])
 
 
-def request_id() -> str:
-    return f"req_{uuid.uuid4().hex[:20]}"
-
-
 def respond(transcript: FileTranscript, decoded: list[tuple[Chunk, ChunkTranscript | None]], fields: Fields,
-            task: str, words: bool, text_of: Any, rid: str) -> Response:
+            task: str, words: bool, text_of: Any, headers: dict[str, str]) -> Response:
     """The transcript in the response format asked for; `decoded` is each chunk with what it decoded to."""
-    headers = {"x-request-id": rid}
     row = transcript.columns(words)
     fmt = fields.response_format
     if fmt == "json":

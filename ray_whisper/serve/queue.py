@@ -19,14 +19,19 @@ from typing import Any, Generic, TypeVar
 Item = TypeVar("Item")
 
 
+class Expired(TimeoutError):
+    """An item waited longer than the queue's max_wait_s for its batch: refused before any work on it."""
+
+
 class BatchQueue(Generic[Item]):
     """`await queue.submit(item)` -> that item's result from `run(batch)`, a coroutine taking a list of items and
     returning one result per item, in order. One batch runs at a time. An exception from `run` reaches every
     item of its batch; the queue goes on with the next. Items whose caller went away are dropped before
-    their batch runs."""
+    their batch runs, and items that waited longer than max_wait_s (None: no limit) get Expired instead."""
 
-    def __init__(self, run: Callable[[list[Item]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float):
-        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+    def __init__(self, run: Callable[[list[Item]], Awaitable[list[Any]]], max_batch_size: int, wait_s: float,
+                 max_wait_s: float | None = None):
+        self.run, self.max_batch_size, self.wait_s, self.max_wait_s = run, max_batch_size, wait_s, max_wait_s
         self._pending: collections.deque[tuple[Item, asyncio.Future, float]] = collections.deque()
         self._arrived: asyncio.Event | None = None
         self._consumer: asyncio.Task | None = None
@@ -69,10 +74,15 @@ class BatchQueue(Generic[Item]):
 
     def _cut(self) -> list[tuple[Item, asyncio.Future]]:
         batch = []
+        now = time.monotonic()
         while self._pending and len(batch) < self.max_batch_size:
-            item, future, _ = self._pending.popleft()
-            if not future.done():  # a cancelled caller's item is not decoded
-                batch.append((item, future))
+            item, future, since = self._pending.popleft()
+            if future.done():  # a cancelled caller's item is not decoded
+                continue
+            if self.max_wait_s is not None and now - since > self.max_wait_s:
+                future.set_exception(Expired(f"waited {now - since:.1f} s for a batch (limit {self.max_wait_s:g} s)"))
+                continue
+            batch.append((item, future))
         return batch
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
