@@ -4,6 +4,7 @@ cannot, on the line just above its fence.
 
 - `<!-- needs: cloud -->` / `<!-- needs: cluster -->`: it needs AWS, a bucket or a real cluster. Not run; its
   `ray-whisper` commands still parse and its repo paths still exist.
+- `<!-- needs: gpu -->`: it needs a CUDA machine (the CUDA build of PyTorch). Not run.
 - `<!-- needs: endpoint -->`: it talks to the endpoint a block above it starts; the routes it calls exist.
 - `<!-- runs-in: tests/test_x.py -->`: that test runs this command; the file exists and holds the block's key
   arguments (its long flags, scripts and `name=value` option names).
@@ -288,8 +289,8 @@ def check_block(block: Block, earlier: list[Block]) -> list[str]:
     if block.marker and not marker:
         return [f"{block.where()}: unknown marker {block.marker!r}"]
     kind, value = marker.groups() if marker else ("", "")
-    if kind == "needs" and value not in {"cloud", "cluster", "endpoint"}:
-        return [f"{block.where()}: needs {value!r}? (cloud, cluster or endpoint)"]
+    if kind == "needs" and value not in {"cloud", "cluster", "endpoint", "gpu"}:
+        return [f"{block.where()}: needs {value!r}? (cloud, cluster, endpoint or gpu)"]
     test_text = ""
     if kind == "runs-in":
         test = ROOT / value

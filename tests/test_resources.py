@@ -131,3 +131,12 @@ def test_the_gpu_sizing_table_is_computed_with_the_automatic_batch_size():
     assert gpu_plan(sizes["large-v3"], 80 << 30).gpus_per_actor < 1  # an 80 GB GPU takes several
     table = gpu_sizing_table()
     assert all(f"| {name} |" in table for name in sizes)
+
+
+def test_the_readme_shows_the_computed_gpu_sizing_table():
+    from pathlib import Path
+
+    from ray_whisper.model.resources import gpu_sizing_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert gpu_sizing_table() in readme and "not measured" in readme

@@ -490,7 +490,7 @@ def test_s3_output_layout_is_committed_and_deterministic(cli_run, s3):
     parts = [n for n in names if n.startswith("run1/part-")]
     assert "run1/_SUCCESS" in names
     assert parts and all(re.fullmatch(r"run1/part-\d{8}T\d{6}-[0-9a-f]{6}-[0-9a-f]{8}(-lost)?\.parquet", p) for p in parts), names
-    index = [n for n in names if n.startswith("run1/_index-")]
+    index = [n for n in names if n.startswith("run1/_ray_whisper/index-")]
     assert len(index) == 1 and set(names) == set(parts) | set(index) | {"run1/_SUCCESS"}, names
     marker = json.loads(s3["client"].get_object(Bucket=OUT, Key="run1/_SUCCESS")["Body"].read())
     assert marker["index"] == index[0].split("/", 1)[1] and marker["rows"] == 4
