@@ -38,6 +38,10 @@ WARNING = "warning"  # a note that drops no audio ("truncated: ..."); the file's
 # of the file carries that chunk's features, so whichever model actor decodes it can detect the same language
 DETECT_INDEX = "detect_index"  # the detection chunk's index; -1: no detection (language given, or per chunk)
 DETECT_FEATURES = "detect_features"  # its features (rows after it); empty on itself and when not needed
+# transcribe_dataset only: a file's audio given in memory instead of by its URI, and the input row's other
+# columns (pickled), which ride on the file's last chunk row (or its error row) to its output row
+AUDIO_BYTES = "audio_bytes"
+CARRY = "carry"
 
 CHUNK_SCHEMA = pa.schema(
     [
@@ -56,6 +60,7 @@ CHUNK_SCHEMA = pa.schema(
         (WARNING, pa.string()),
         (DETECT_INDEX, pa.int32()),
         (DETECT_FEATURES, pa.large_binary()),
+        (CARRY, pa.large_binary()),
     ]
 )
 # what the model stage reads; everything else of a chunk row passes through it untouched
@@ -74,7 +79,7 @@ TOKEN_COLUMNS = tuple(n for n in CHUNK_SCHEMA.names if n not in (FEATURES, DETEC
     SEG_START, SEG_END, SEG_TOKENS, NO_SPEECH_PROB, AVG_LOGPROB, LANGUAGE_PROB, SEG_WORDS,
 )
 ASSEMBLE_INPUT = (ID, AUDIO, LANGUAGE, CHUNK_INDEX, IS_LAST, START, END, STRIDE_LEFT, STRIDE_RIGHT, ERROR, WARNING,
-                  SEG_START, SEG_END, SEG_TOKENS, LANGUAGE_PROB, SEG_WORDS)
+                  SEG_START, SEG_END, SEG_TOKENS, LANGUAGE_PROB, SEG_WORDS)  # and CARRY where there is one
 
 # output rows: exactly one per manifest row
 TEXT = "text"
@@ -107,6 +112,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(ERROR, pa.string()),  # "<kind>: <reason>" when status is "error"; a warning otherwise
     ]
 )
+
+CARRIED_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field(CARRY, pa.large_binary()))  # transcribe_dataset's rows
 
 # receipts: what the driver learns of each row that reached storage (progress, summary, the index)
 PART = "part"  # the part file's name in OUTPUT_DIR

@@ -33,20 +33,26 @@ def file_row(batch: dict[str, Any], checkpoint: Checkpoint, model_name: str, fin
     order = np.argsort(batch[schema.CHUNK_INDEX], kind="stable")
     failures = [batch[schema.ERROR][i] for i in order if present(batch[schema.ERROR][i])]
     if failures:
-        return schema.error_row(file_id, audio, model_name, fingerprint, failures[0])
+        return _carried(batch) | schema.error_row(file_id, audio, model_name, fingerprint, failures[0])
     indices = [int(batch[schema.CHUNK_INDEX][i]) for i in order]
     if indices != list(range(n)) or not bool(batch[schema.IS_LAST][order[-1]]):
         why = row_error(INTERNAL_ERROR, f"chunks missing (got {indices[:10]}...)")
-        return schema.error_row(file_id, audio, model_name, fingerprint, why)
+        return _carried(batch) | schema.error_row(file_id, audio, model_name, fingerprint, why)
     chunks = [Chunk(int(batch[schema.CHUNK_INDEX][i]), int(batch[schema.START][i]), int(batch[schema.END][i]),
                     int(batch[schema.STRIDE_LEFT][i]), int(batch[schema.STRIDE_RIGHT][i]), bool(batch[schema.IS_LAST][i]))
               for i in order]
     transcript = merge_file(chunks, [_decoded(batch, i) for i in order], checkpoint.text)
     warnings = [batch[schema.WARNING][i] for i in order if present(batch[schema.WARNING][i])]
-    return {
+    return _carried(batch) | {
         schema.ID: file_id, schema.AUDIO: audio, **transcript.columns(word_timestamps), schema.MODEL: model_name,
         schema.FINGERPRINT: fingerprint, schema.STATUS: schema.STATUS_OK, schema.ERROR: warnings[0] if warnings else None,
     }
+
+
+def _carried(batch: dict[str, Any]) -> dict[str, Any]:
+    """The input row's other columns (transcribe_dataset), from whichever of the file's rows carries them."""
+    blobs = [b for b in batch.get(schema.CARRY, ()) if b is not None and len(b)]
+    return {schema.CARRY: bytes(blobs[0])} if blobs else {}
 
 
 def _decoded(batch: dict[str, Any], i: int) -> ChunkTranscript:
@@ -66,8 +72,9 @@ class Assembler:
     `writer`, the completed files written as a part and one receipt per file out (schema.RECEIPT_SCHEMA)."""
 
     def __init__(self, checkpoint: Checkpoint, model_name: str, fingerprint: str, writer: PartWriter | None = None,
-                 word_timestamps: bool = False):
+                 word_timestamps: bool = False, carry: bool = False):
         self.word_timestamps = word_timestamps
+        self.schema = schema.CARRIED_OUTPUT_SCHEMA if carry else schema.OUTPUT_SCHEMA  # carry: transcribe_dataset
         self.checkpoint = checkpoint
         self.model_name = model_name
         self.fingerprint = fingerprint
@@ -77,17 +84,17 @@ class Assembler:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         schema.require(batch, schema.ASSEMBLE_INPUT, "assemble")
         for i in range(len(batch[schema.ID])):
-            row = {name: batch[name][i] for name in schema.ASSEMBLE_INPUT}
+            row = {name: batch[name][i] for name in schema.ASSEMBLE_INPUT + (schema.CARRY,) if name in batch}
             # keyed by chunk index: a chunk that arrives twice (a retried task) counts once
             self.pending.setdefault(str(row[schema.ID]), {})[int(row[schema.CHUNK_INDEX])] = row
         rows = [self._merge(file_id) for file_id in [f for f, c in self.pending.items() if _complete(c)]]
         if self.writer is None:
-            return pa.Table.from_pylist(rows, schema=schema.OUTPUT_SCHEMA)
+            return pa.Table.from_pylist(rows, schema=self.schema)
         return self._write(rows)
 
     def _merge(self, file_id: str) -> dict[str, Any]:
         chunks = list(self.pending.pop(file_id).values())
-        columns = {name: [c[name] for c in chunks] for name in schema.ASSEMBLE_INPUT}
+        columns = {name: [c.get(name) for c in chunks] for name in schema.ASSEMBLE_INPUT + (schema.CARRY,)}
         return file_row(columns, self.checkpoint, self.model_name, self.fingerprint, self.word_timestamps)
 
     def _write(self, rows: list[dict[str, Any]]) -> pa.Table:

@@ -6,6 +6,7 @@ row travels through the model stage untouched so that every manifest row reaches
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,7 @@ def file_to_chunks(
     # the URI without its secrets travels on (to the output); the real one is only used to fetch
     base = {schema.ID: row[schema.ID], schema.AUDIO: storage.public_uri(row[schema.AUDIO]),
             schema.LANGUAGE: row.get(schema.LANGUAGE), schema.PROMPT: row.get(schema.PROMPT)}
+    carry = row.get(schema.CARRY)  # transcribe_dataset's other columns: on the last row only
     notes: list[str] = []
     pending: list[tuple[Chunk, np.ndarray]] = []
     emitted = 0
@@ -88,13 +90,13 @@ def file_to_chunks(
                 **base, chunk_index=c.index, is_last=c.is_last, start=c.start, end=c.end,
                 stride_left=c.stride_left, stride_right=c.stride_right, features=blob,
                 warning=notes[0] if (c.is_last and notes) else None,
-                detect_index=detection["index"], detect_features=carried,
+                detect_index=detection["index"], detect_features=carried, carry=carry if c.is_last else None,
             )
         emitted += len(pending)
         pending.clear()
 
     try:
-        with open_audio(row[schema.AUDIO], filesystem) as f:
+        with _source(row, filesystem) as f:
             for chunk, samples in iter_chunks(_safe_pieces(decode_stream(f), notes), geom):
                 pending.append((chunk, samples))
                 if len(pending) >= FEATURE_GROUP:
@@ -105,15 +107,21 @@ def file_to_chunks(
             raise DecodeError("no audio samples decoded")
         flush()
     except FileError as e:
-        _add_error(out, base, row_error(e.kind, e), emitted)
+        _add_error(out, base, row_error(e.kind, e), emitted, carry)
     except Exception as e:  # anything unexpected in one file stays that file's problem
-        _add_error(out, base, row_error(INTERNAL_ERROR, f"{type(e).__name__}: {e}"), emitted)
+        _add_error(out, base, row_error(INTERNAL_ERROR, f"{type(e).__name__}: {e}"), emitted, carry)
 
 
-def _add_error(out: _Collector, base: dict[str, Any], error: str, emitted: int) -> None:
+def _source(row: dict[str, Any], filesystem: Any) -> Any:
+    """The file to decode: its bytes when the row holds them (transcribe_dataset), else fetched by URI."""
+    data = row.get(schema.AUDIO_BYTES)
+    return contextlib.nullcontext(data) if data else open_audio(row[schema.AUDIO], filesystem)
+
+
+def _add_error(out: _Collector, base: dict[str, Any], error: str, emitted: int, carry: bytes | None) -> None:
     # chunk_index after any chunks already emitted, so the error row never collides with one of them
     out.add(**base, chunk_index=emitted, is_last=True, start=0, end=0, stride_left=0, stride_right=0,
-            features=b"", error=error, detect_index=-1, detect_features=b"")
+            features=b"", error=error, detect_index=-1, detect_features=b"", carry=carry)
 
 
 def chunk_batch(

@@ -42,7 +42,7 @@ ASSEMBLE_BATCHES = 4  # model batches whose completed files are written as one p
 class Prepared:
     """What the driver resolved before any worker starts."""
 
-    manifest: pa.Table
+    manifest: pa.Table | None  # None: rows come from a user's Dataset (batch.dataset)
     checkpoint: Checkpoint  # the model, resolved; its configs and tokenizer (the merge stage needs no transformers)
     storage: StorageOptions  # resolved: the driver's endpoint and region, for every worker
     detect_language: bool = False  # each file's language detected once (tokens.detects_file_language)
@@ -51,23 +51,28 @@ class Prepared:
 def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None = None) -> Prepared:
     """Driver-side checks and resolution that need no cluster: manifest, output (checked writable before the
     model is fetched, so a wrong bucket fails in seconds), model, languages."""
-    opt = options.decoding
     storage_options = options.storage.resolved()
     table = read_manifest(manifest, storage.filesystem(manifest, storage_options))
     if output is not None:
         output.check_writable()
+    checkpoint, _, detect = prepare_model(options, set(table[schema.LANGUAGE].drop_null().to_pylist()))
+    return Prepared(table, checkpoint, storage_options, detect)
+
+
+def prepare_model(options: TranscribeOptions, languages: set[str] = frozenset()) -> tuple[Checkpoint, StorageOptions, bool]:
+    """The model resolved and its files read on the driver, the options and these languages checked against
+    it: (its checkpoint, the resolved storage options, whether each file's language is detected once)."""
+    opt = options.decoding
     checkpoint = Checkpoint.load(resolve_model(opt.model, opt.revision), opt.revision)
     tokens = checkpoint_tokens(checkpoint)
     try:
-        language_code(opt.language, tokens)
-        for lang in set(table[schema.LANGUAGE].drop_null().to_pylist()):
+        for lang in {opt.language, *languages}:
             language_code(lang, tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     if opt.task == "translate" and not tokens.multilingual:
         raise ConfigError(f"--task translate needs a multilingual model; {opt.model} is English-only")
-    detect = detects_file_language(tokens, opt.language, opt.language_per_chunk)
-    return Prepared(table, checkpoint, storage_options, detect)
+    return checkpoint, options.storage.resolved(), detects_file_language(tokens, opt.language, opt.language_per_chunk)
 
 
 def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = None, **overrides: Any):
@@ -80,7 +85,18 @@ def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = 
 
 
 def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None) -> Any:
-    """manifest rows -> chunk rows -> token rows -> output rows (no writer) or receipts of written parts."""
+    """The manifest's rows -> output rows (no writer) or receipts of written parts."""
+    import ray.data
+
+    table, step = prepared.manifest, options.resources.files_per_task
+    files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    return stages(files, prepared, options, writer)
+
+
+def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None,
+           carry: bool = False) -> Any:
+    """A Dataset of manifest rows -> chunk rows -> token rows -> output rows (no writer; with `carry`, each
+    with the input's other columns pickled beside it) or receipts of written parts."""
     import ray
     import ray.data
     from ray.util.debug import log_once
@@ -88,15 +104,12 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.checkpoint.config)
     actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
-    table = prepared.manifest
-    step = options.resources.files_per_task
     context = ray.data.DataContext.get_current()
     # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
     # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
     context.max_errored_blocks = -1
     context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
     log_once("ray_data_progress_manager_disabled")  # marks Ray Data's notice that they are off as shown
-    files = ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;
         # they are set explicitly so that fault tolerance does not depend on defaults that may change.
@@ -132,7 +145,7 @@ def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWrite
             fn_constructor_kwargs={
                 "checkpoint": prepared.checkpoint, "model_name": options.decoding.model,
                 "fingerprint": options.fingerprint(), "writer": writer,
-                "word_timestamps": options.decoding.word_timestamps,
+                "word_timestamps": options.decoding.word_timestamps, "carry": carry,
             },
             # the files completed by this many model batches are written together: fewer, larger parts, and
             # what a killed run can lose beyond the files still being decoded (README: failure semantics)
