@@ -51,7 +51,7 @@ def file_row(batch: dict[str, Any], checkpoint: Checkpoint, model_name: str, fin
 
 def _carried(batch: dict[str, Any]) -> dict[str, Any]:
     """The input row's other columns (transcribe_dataset), from whichever of the file's rows carries them."""
-    blobs = [b for b in batch.get(schema.CARRY, ()) if b is not None and len(b)]
+    blobs = [b for b in batch.get(schema.CARRY, ()) if isinstance(b, bytes) and b]  # nulls: None or NaN
     return {schema.CARRY: bytes(blobs[0])} if blobs else {}
 
 
