@@ -280,17 +280,18 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     warning = replica_warning(options.min_replicas, gpus, node_cpus or [cluster.get("CPU", 1)], cluster.get("GPU", 0))
     if warning:
         log.warning(warning)
-    # admission is the replica's (admission.Gate); Serve's slots leave room for it to refuse and for health probes,
-    # and Serve's own queue in front of the replicas is bounded too
+    # admission is the replica's (admission.Gate); Serve's slots leave room for it to refuse and for health probes.
+    # Serve's own queue in front of them is bounded as a backstop only: it counts requests still being routed, so
+    # a bound as tight as ours would refuse (in plain text) requests that a replica would take
     held = options.max_queued_requests or 2 * (options.max_batch_size or auto_batch_size(gpus > 0, checkpoint.config))
     options = dataclasses.replace(options, max_queued_requests=held)
+    slots = options.max_ongoing_requests or held + options.max_uploads + 32
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
     return WhisperService.options(
         ray_actor_options={"num_gpus": gpus, "num_cpus": options.cpus_per_replica, **actor_options},
         autoscaling_config=scaling if options.max_replicas > options.min_replicas else None,
         num_replicas=None if options.max_replicas > options.min_replicas else options.min_replicas,
-        max_ongoing_requests=options.max_ongoing_requests or held + options.max_uploads + 32,
-        max_queued_requests=held,
+        max_ongoing_requests=slots, max_queued_requests=slots * options.max_replicas,
         # Serve's own drain (a replica scaled down or the app deleted) waits as long as ours
         graceful_shutdown_timeout_s=options.drain_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
     ).bind(path, decoding.model, decoding, chunks, options, threads)
