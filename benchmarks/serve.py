@@ -11,6 +11,14 @@
 Each is run --repeats times (3), the two sides interleaved, and the medians compared: this VM's speed drifts.
 
 Target: concurrent / sequential throughput at least 0.9 of the ceiling's ratio.
+
+    python benchmarks/serve.py --overload 100       # 100 clients at once, one 3-5 s clip each
+
+3. overload: N clients send at once (bounded: each retries a refusal after its Retry-After, at most 20 times,
+   within --deadline-s); prints goodput (answered files/s), refusals (and the slowest refusal), and p50/p95 of
+   the answered attempts beside a full batch's time in this process. Targets: refusals within 1 s, p95 of the
+   answered within 2x a full batch, goodput no lower than the unbounded endpoint's 0.85 files/s (100 clients,
+   tiny.en, 2 cores).
 """
 
 from __future__ import annotations
@@ -141,6 +149,85 @@ def endpoint(paths: list[Path], wait_s: float, max_batch: int | None, repeats: i
     return result
 
 
+def overload(clients: int, deadline_s: float, folder: Path, held: int | None, unbounded: bool) -> dict:
+    """N clients at once against a fresh endpoint (refusals retried after Retry-After); `held`: its
+    --max-queued-requests (None: the default); `unbounded`: no admission limit, as before it had one."""
+    import requests
+    from ray import serve
+
+    from ray_whisper.batch.cluster import connect
+    from ray_whisper.config import ServeOptions
+    from ray_whisper.serve.app import build
+
+    rng = np.random.default_rng(1)
+    source = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
+    paths = []
+    for i in range(clients):  # 3-5 s of real speech each
+        length, start = int(rng.uniform(3, 5) * SAMPLE_RATE), int(rng.integers(0, source.size - 5 * SAMPLE_RATE))
+        paths.append(ev.write_wav(folder / f"load{i:03}.wav", source[start : start + length]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    connect()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    limits = {"max_queued_requests": 100_000, "max_uploads": 100_000} if unbounded else {"max_queued_requests": held}
+    serve.run(build(options=ServeOptions(port=port, **limits)), name="bench-overload", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/audio/transcriptions"
+    requests.post(url, files={"file": paths[0].open("rb")}, timeout=300)  # warm up
+    answered: list[float] = []  # seconds of each answered attempt
+    refusals: list[float] = []  # seconds until each refusal
+    failed: list[str] = []
+    started = time.perf_counter()
+
+    def client(path: Path) -> None:
+        for _ in range(20):
+            t0 = time.perf_counter()
+            try:
+                left = max(1.0, deadline_s - (t0 - started))
+                reply = requests.post(url, files={"file": path.open("rb")}, timeout=left)
+            except requests.RequestException as e:
+                failed.append(type(e).__name__)
+                return
+            if reply.status_code == 200:
+                answered.append(time.perf_counter() - t0)
+                return
+            if reply.status_code not in (429, 503) or time.perf_counter() - started > deadline_s:
+                failed.append(str(reply.status_code))
+                return
+            refusals.append(time.perf_counter() - t0)
+            time.sleep(float(reply.headers.get("retry-after", 1)))
+        failed.append("gave up after 20 tries")
+
+    threads = [threading.Thread(target=client, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    serve.shutdown()
+    return {"clients": clients, "wall_s": wall, "answered": len(answered), "goodput_files_per_s": len(answered) / wall,
+            "refusals": len(refusals), "slowest_refusal_s": max(refusals, default=0.0), "failed": failed,
+            "p50_s": float(np.percentile(answered, 50)) if answered else None,
+            "p95_s": float(np.percentile(answered, 95)) if answered else None}
+
+
+def full_batch_s(threads: int, size: int = 16) -> float:
+    """One full batch (`size` 3-5 s clips, as many as the endpoint's default batch on CPU) in this process."""
+    from ray_whisper.asr import features
+    from ray_whisper.asr.engine import Engine
+    from ray_whisper.config import DecodingOptions
+    from ray_whisper.model.checkpoint import bundled_model_dir
+
+    engine = Engine(str(bundled_model_dir()), DecodingOptions(), cpu_threads=threads)
+    source = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
+    audio = [source[i * SAMPLE_RATE // 2 : i * SAMPLE_RATE // 2 + 4 * SAMPLE_RATE] for i in range(size)]
+    feats = features.log_mel(audio, engine.n_mels)
+    engine.transcribe(feats[:2], [None] * 2, [4.0] * 2)  # warm up
+    started = time.perf_counter()
+    engine.transcribe(feats, [None] * size, [4.0] * size)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=16)
@@ -149,7 +236,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: the endpoint's (automatic)")
     parser.add_argument("--repeats", type=int, default=3, help="sequential and concurrent runs, interleaved; medians")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--overload", type=int, default=0, metavar="N", help="only the overload run, N clients")
+    parser.add_argument("--deadline-s", type=float, default=600, help="the overload run's bound")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="the overload run's (default: the endpoint's)")
+    parser.add_argument("--unbounded", action="store_true", help="the overload run without admission limits")
     args = parser.parse_args(argv)
+    if args.overload:
+        batch = full_batch_s(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = overload(args.overload, args.deadline_s, Path(tmp), args.max_queued_requests, args.unbounded)
+        print(f"overload{' (unbounded)' if args.unbounded else ''}, {r['clients']} clients: {r['answered']} answered "
+              f"in {r['wall_s']:.1f} s, goodput {r['goodput_files_per_s']:.2f} files/s; {r['refusals']} refusals "
+              f"(slowest {r['slowest_refusal_s']:.2f} s); "
+              f"answered p50 {r['p50_s']:.1f} s, p95 {r['p95_s']:.1f} s (a full batch of 16: {batch:.1f} s); "
+              f"failed {r['failed'] or 'none'}")
+        r["full_batch_s"] = batch
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2))
+        return r
     with tempfile.TemporaryDirectory() as tmp:
         paths = clips(args.files, Path(tmp))
         limit = ceiling(paths, args.threads, args.repeats)

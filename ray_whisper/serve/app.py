@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from ..asr.chunking import ChunkGeometry, chunk_seed, is_silent, iter_chunks
 from ..asr.engine import Engine
+from ..asr.features import log_mel
 from ..asr.merge import NOTHING, ChunkTranscript, merge_file
 from ..asr.tokens import detects_file_language
 from ..config import ChunkOptions, DecodingOptions, ServeOptions, option_type
@@ -46,7 +47,7 @@ from ..errors import ConfigError, FileError
 from ..io.audio import decode_all
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..model.resources import auto_batch_size, model_actor_options, torch_threads
-from .admission import Gate, clear_drain, drain, watch_drain
+from .admission import Gate, clear_drain, default_held, drain, watch_drain
 from .protocol import ApiError, Fields, RequestId, read_fields, respond, schedule
 from .queue import BatchQueue, Expired
 
@@ -100,7 +101,7 @@ class Service:
         size = options.max_batch_size or auto_batch_size(self.engine.device == "cuda", self.engine.checkpoint.config)
         self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, size, options.batch_wait_timeout_s,
                                                  options.queue_timeout_s)
-        self.gate = Gate(options.max_queued_requests or 2 * size, options.max_uploads, self._retry_after)
+        self.gate = Gate(options.max_queued_requests or default_held(size), options.max_uploads, self._retry_after)
         self.batches = self.chunks = 0
         self.recent: collections.deque[int] = collections.deque(maxlen=32)  # sizes of the last batches
         self.seconds: collections.deque[float] = collections.deque(maxlen=8)  # times of the last batches
@@ -115,9 +116,10 @@ class Service:
         since it started (`replica`, `up_s`)."""
         self._watching()
         mean = self.chunks / self.batches if self.batches else 0.0
-        return {"status": "ok", "model": self.model_name, "replica": self.replica, "up_s": round(time.time() - self.started, 1),
-                "batches": self.batches, "chunks": self.chunks, "mean_batch_size": round(mean, 2),
-                "recent_batch_sizes": list(self.recent), "max_batch_size": self.queue.max_batch_size,
+        return {"status": "ok", "model": self.model_name, "replica": self.replica,
+                "up_s": round(time.time() - self.started, 1), "batches": self.batches, "chunks": self.chunks,
+                "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent),
+                "max_batch_size": self.queue.max_batch_size,
                 "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "uploads": self.gate.reading,
                 "refused": self.gate.refused, "draining": self.gate.deadline is not None}
 
@@ -175,7 +177,8 @@ class Service:
         words = fields.words or self.decoding.word_timestamps
         variant = (task, schedule(fields.temperature, self.decoding), words)
         transcript, decoded = await self._transcribe(fields, variant)
-        return respond(transcript, decoded, fields, task, words, self.engine.text, rid.headers(**self._prompt_cut(fields)))
+        headers = rid.headers(**self._prompt_cut(fields))
+        return respond(transcript, decoded, fields, task, words, self.engine.text, headers)
 
     def _prompt_cut(self, fields: Fields) -> dict[str, str]:
         """A prompt longer than the model's prompt window is cut to its last tokens, as Whisper does; the
@@ -205,7 +208,8 @@ class Service:
             raise ApiError(400, f"the file is not audio that can be decoded ({e.kind}: {e}); send wav, mp3, flac, "
                            "ogg, m4a, webm or mp4", "file") from e
         pieces = list(iter_chunks([audio], self.geom))
-        feats = await asyncio.wrap_future(self.engine.submit(self.engine.features, [a for _, a in pieces]))
+        # off the model thread: features queued behind the batch decoding there would miss the next batch
+        feats = await asyncio.to_thread(log_mel, [a for _, a in pieces], self.engine.n_mels)
         audible = [k for k, (_, a) in enumerate(pieces) if not is_silent(a)]
         source = hashlib.sha256(fields.audio).hexdigest()  # seeds of the upload's chunks, as a file's are
         jobs = {k: Job(feats[k], pieces[k][1].size / SAMPLE_RATE, fields.language, fields.prompt,
@@ -283,7 +287,8 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
     # admission is the replica's (admission.Gate); Serve's slots leave room for it to refuse and for health probes.
     # Serve's own queue in front of them is bounded as a backstop only: it counts requests still being routed, so
     # a bound as tight as ours would refuse (in plain text) requests that a replica would take
-    held = options.max_queued_requests or 2 * (options.max_batch_size or auto_batch_size(gpus > 0, checkpoint.config))
+    size = options.max_batch_size or auto_batch_size(gpus > 0, checkpoint.config)
+    held = options.max_queued_requests or default_held(size)
     options = dataclasses.replace(options, max_queued_requests=held)
     slots = options.max_ongoing_requests or held + options.max_uploads + 32
     scaling = {"min_replicas": options.min_replicas, "max_replicas": options.max_replicas}
