@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -21,20 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import cpu, describe  # noqa: E402
+
 from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.config import DecodingOptions  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
-
-
-def cpu() -> dict:
-    from ray_whisper.model.runtime import NATIVE_BFLOAT16_FLAGS, auto_cpu_dtype, cpu_flags
-
-    flags = cpu_flags()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return {"model": model, "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "avx2": "avx2" in flags, "native_bfloat16": bool(flags & NATIVE_BFLOAT16_FLAGS),
-            "auto_dtype": str(auto_cpu_dtype(flags)).removeprefix("torch.")}
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
              (decode_all((data / "multilingual.mp3").read_bytes())[: int(29.5 * 16_000)], refs["multilingual.mp3"]["text_en"])]
     audio, reference = ev.build_long_speech(clips, args.minutes * 60, seed=3)
     seconds = audio.size / 16_000
-    print(json.dumps({"cpu": cpu(), "audio_s": round(seconds, 1)}))
+    print(f"{seconds / 60:.1f} min of speech; {describe(cpu())}", flush=True)
     engines = {d: Engine(str(bundled_model_dir()), DecodingOptions(dtype=d), cpu_threads=args.threads) for d in args.dtypes}
     walls: dict[str, list[float]] = {d: [] for d in args.dtypes}
     wers: dict[str, float] = {}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import cpu, describe  # noqa: E402
 
 from ray_whisper.asr import evaluation as ev  # noqa: E402
 from ray_whisper.io.audio import decode_all  # noqa: E402
@@ -324,14 +326,14 @@ def main(argv: list[str] | None = None) -> dict:
     cut = [] if args.chunk_length_s is None else ["--chunk-length-s", f"{args.chunk_length_s:g}"]
     flags = [*args.pipeline_args.split(), *cut]
 
-    results: dict[str, Any] = {"chunk_length_s": chunks.chunk_length_s}
+    results: dict[str, Any] = {"chunk_length_s": chunks.chunk_length_s, "cpu": cpu()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths, refs, audio_s = build_corpus(work, args.minutes)
         (work / "short").mkdir()
         short, short_refs, short_s = build_short_corpus(work / "short", args.short)
         print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min (and {len(short)} short clips, {short_s / 60:.1f} min); "
-              f"machine: {platform.machine()}, {os.cpu_count()} CPUs; model: bundled tiny.en (float32, CPU), "
+              f"machine: {describe(cpu())}; model: bundled tiny.en, "
               f"batch {_batch_size()}, chunks of at most {chunks.chunk_length_s:g} s", flush=True)
         passes: dict[str, int] = {}  # the decoder run's encoder windows
         runners = {
