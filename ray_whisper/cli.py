@@ -141,11 +141,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from .serve.app import build, clear_drain, drain
+    from .serve.app import build, clear_drain, drain, openai_errors_in_the_proxy
 
     decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
     options = _options(args, config.ServeOptions)
     _quiet_ray_logging()
+    openai_errors_in_the_proxy()
     local = connect()
     serve.start(http_options={"host": options.host, "port": options.port})
     clear_drain("ray_whisper")

@@ -108,3 +108,42 @@ def test_more_replicas_than_the_host_can_use_warn(replicas, gpus, nodes, cluster
 def test_admission_options_are_checked_at_construction(bad):
     with pytest.raises(ConfigError, match=next(iter(bad)).replace("_", "-")):
         ServeOptions(**bad)
+
+
+def through_proxy_middleware(messages: list[dict]) -> list[dict]:
+    """What a client gets when the proxy's own app sends `messages` (an empty list: nothing, a lost replica)."""
+    from ray_whisper.serve.proxy import OpenAIErrors
+
+    async def inner(scope, receive, send):
+        for m in messages:
+            await send(m)
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": [(b"x-request-id", b"abc")]}
+    asyncio.run(OpenAIErrors(inner)(scope, None, send))
+    return sent
+
+
+@pytest.mark.parametrize("case", ["lost replica", "serve's queue full", "the app's own json"])
+def test_the_proxys_plain_text_errors_become_openais_json(case):
+    start = {"type": "http.response.start", "status": 503,
+             "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"retry-after", b"7")]}
+    body = {"type": "http.response.body", "body": b"Request dropped due to backpressure", "more_body": False}
+    if case == "lost replica":
+        sent = through_proxy_middleware([])
+    elif case == "serve's queue full":
+        sent = through_proxy_middleware([start, body])
+    else:
+        start["headers"], body["body"] = [(b"content-type", b"application/json")], b'{"text": "hi"}'
+        assert through_proxy_middleware([start, body]) == [start, body]
+        return
+    headers = dict(sent[0]["headers"])
+    error = json.loads(sent[1]["body"])["error"]
+    assert sent[0]["status"] == 503 and headers[b"content-type"] == b"application/json"
+    assert error["type"] == "server_error" and error["request_id"] == "abc"
+    assert headers[b"retry-after"] == (b"1" if case == "lost replica" else b"7")
+    assert ("stopped before it answered" if case == "lost replica" else "backpressure") in error["message"]

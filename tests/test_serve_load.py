@@ -168,48 +168,79 @@ def test_uploads_past_the_cap_are_refused_at_once(server):
     assert all(e < 2.0 and b"retry-after" in d.lower() and b"--max-uploads" in d for e, d in refused)
 
 
+@contextlib.contextmanager
+def endpoint(tmp_path, *flags: str):
+    """`ray-whisper serve` in a process of its own, with its own local Ray: its URL and log, once it serves."""
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"  # a file, not a pipe: Ray's forwarded logs must never block the process
+    proc = subprocess.Popen([sys.executable, "-m", "ray_whisper.cli", "serve", "--port", str(port), *flags], env=env,
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "serving " not in log.read_text():  # serve.run has returned: the SIGTERM handler is in place
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the endpoint did not come up"
+            time.sleep(1)
+        yield proc, f"http://127.0.0.1:{port}", log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def long_requests(url: str, path, n: int) -> tuple[list, list[threading.Thread]]:
+    """n requests of the audio at `path` sent at once, answered once each is held by the replica."""
+    results: list = []
+
+    def one() -> None:
+        results.append(requests.post(f"{url}/v1/audio/transcriptions", files={"file": ("long.wav", path.read_bytes())},
+                                     data={"model": "whisper-1"}, timeout=300))
+
+    clients = [threading.Thread(target=one) for _ in range(n)]
+    for t in clients:
+        t.start()
+    while health(url)["held_requests"] < n:
+        time.sleep(0.2)
+    return results, clients
+
+
 def test_ray_whisper_serve_drains_on_sigterm(speech_clips, tmp_path):
     """Requests of 60 s audio in flight, SIGTERM: each one answered in full, a new one refused with 503, exit 0."""
     audio, reference = ev.build_long_speech(speech_clips, 60, seed=7)
     path = write_wav(tmp_path / "long.wav", audio)
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    log = tmp_path / "serve.log"  # a file, not a pipe: Ray's forwarded logs must never block the process
-    proc = subprocess.Popen([sys.executable, "-m", "ray_whisper.cli", "serve", "--port", str(port), "--drain-timeout-s",
-                             "120"], env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url, results = f"http://127.0.0.1:{port}", []
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            if "serving " in log.read_text():  # serve.run has returned: the SIGTERM handler is in place
-                break
-            assert time.monotonic() < deadline, "the endpoint did not come up"
-            time.sleep(1)
-
-        def one() -> None:
-            reply = requests.post(f"{url}/v1/audio/transcriptions", files={"file": ("long.wav", path.read_bytes())},
-                                  data={"model": "whisper-1"}, timeout=300)
-            results.append((reply.status_code, reply.text))
-
-        clients = [threading.Thread(target=one) for _ in range(3)]
-        for t in clients:
-            t.start()
-        while health(url)["held_requests"] < 3:
-            time.sleep(0.2)
+    with endpoint(tmp_path, "--drain-timeout-s", "120") as (proc, url, log):
+        results, clients = long_requests(url, path, 3)
         proc.send_signal(signal.SIGTERM)
         time.sleep(1.5)
         status, _, refused = post(url, timeout=30)
         assert status == 503, log.read_text()[-3000:]
-        assert status == 503 and refused.json()["error"]["message"].startswith("draining")
-        assert refused.headers["retry-after"]
+        assert refused.json()["error"]["message"].startswith("draining") and refused.headers["retry-after"]
         for t in clients:
             t.join(300)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
-        assert [s for s, _ in results] == [200] * 3, (results, log.read_text()[-3000:])
-        assert all(ev.wer([reference], [json.loads(text)["text"]]) <= 0.15 for _, text in results)
+        assert [r.status_code for r in results] == [200] * 3, ([r.text for r in results], log.read_text()[-3000:])
+        assert all(ev.wer([reference], [r.json()["text"]]) <= 0.15 for r in results)
         assert "Traceback" not in log.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_replica_killed_mid_request_answers_json_503_and_the_clients_retry_succeeds(speech_clips, tmp_path):
+    """Serve's proxy would send a plain-text 500; proxy.OpenAIErrors makes it OpenAI's JSON, 503, Retry-After."""
+    from openai import OpenAI
+
+    audio, _ = ev.build_long_speech(speech_clips, 60, seed=8)
+    path = write_wav(tmp_path / "long.wav", audio)
+    with endpoint(tmp_path) as (proc, url, log):
+        pid = health(url)["pid"]  # the replica's process, of this endpoint's own Ray
+        results, clients = long_requests(url, path, 2)
+        os.kill(pid, signal.SIGKILL)
+        for t in clients:
+            t.join(120)
+        assert [r.status_code for r in results] == [503] * 2, [r.text for r in results]
+        for r in results:
+            assert r.headers["retry-after"] and r.headers["content-type"] == "application/json"
+            assert "stopped before it answered" in r.json()["error"]["message"]
+            assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)  # its default retries
+        text = client.audio.transcriptions.create(model="whisper-1", file=JFK.open("rb")).text
+        assert ev.wer([REFS["jfk.flac"]["text"]], [text]) <= 0.05
+        assert health(url)["pid"] != pid

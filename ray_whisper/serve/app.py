@@ -49,10 +49,11 @@ from ..model.checkpoint import Checkpoint, resolve_model
 from ..model.resources import auto_batch_size, model_actor_options, torch_threads
 from .admission import Gate, clear_drain, default_held, drain, watch_drain
 from .protocol import ApiError, Fields, RequestId, read_fields, respond, schedule
+from .proxy import CALLBACK, IMPORT_PATH
 from .queue import BatchQueue, Expired
 
 log = logging.getLogger(__name__)
-__all__ = ["Service", "app", "build", "clear_drain", "drain", "replica_warning"]  # drain: `ray-whisper serve` stopping
+__all__ = ["Service", "app", "build", "clear_drain", "drain", "openai_errors_in_the_proxy", "replica_warning"]
 
 api = FastAPI(title="ray_whisper", description="Whisper on Ray Serve, compatible with OpenAI's audio API")
 CPU_THREADS_PER_REPLICA = 4  # fewer torch threads than this per CPU replica: one replica batches better
@@ -116,7 +117,7 @@ class Service:
         since it started (`replica`, `up_s`)."""
         self._watching()
         mean = self.chunks / self.batches if self.batches else 0.0
-        return {"status": "ok", "model": self.model_name, "replica": self.replica,
+        return {"status": "ok", "model": self.model_name, "replica": self.replica, "pid": os.getpid(),
                 "up_s": round(time.time() - self.started, 1), "batches": self.batches, "chunks": self.chunks,
                 "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent),
                 "max_batch_size": self.queue.max_batch_size,
@@ -300,6 +301,13 @@ def build(decoding: DecodingOptions | None = None, chunks: ChunkOptions | None =
         # Serve's own drain (a replica scaled down or the app deleted) waits as long as ours
         graceful_shutdown_timeout_s=options.drain_timeout_s + 5, graceful_shutdown_wait_loop_s=0.5,
     ).bind(path, decoding.model, decoding, chunks, options, threads)
+
+
+def openai_errors_in_the_proxy() -> None:
+    """Have Serve's proxy answer its own errors (a replica lost mid-request, its queue full) in OpenAI's shape
+    (proxy.py). Called before Ray starts: a local Ray's proxies inherit this environment; on a cluster,
+    set RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=ray_whisper.serve.proxy:middlewares in its nodes' environment."""
+    os.environ.setdefault(CALLBACK, IMPORT_PATH)
 
 
 def replica_warning(replicas: int, gpus: float, node_cpus: list[float], cluster_gpus: float) -> str | None:

@@ -1,0 +1,85 @@
+"""What Serve's HTTP proxy answers by itself, in OpenAI's error shape: a replica that died mid-request, Serve's
+own queue full, a request timeout. The proxy writes those as plain text ("Internal Server Error" for a killed
+replica), which SDKs cannot parse; this middleware, loaded by the proxy through Serve's
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`ray-whisper serve` sets it before it starts Ray), rewrites them.
+For a replica lost mid-request the proxy sends nothing (the HTTP server would then say a plain 500): that
+becomes a 503 with Retry-After: the request did not fail, it was not finished, and
+clients (the `openai` SDK included) retry a 503. Responses of the app itself (JSON) pass untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.middleware import Middleware
+
+CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+IMPORT_PATH = "ray_whisper.serve.proxy:middlewares"
+
+
+def middlewares() -> list[Middleware]:
+    """The proxy callback: Serve calls it in each proxy and wraps its HTTP app in these."""
+    return [Middleware(OpenAIErrors)]
+
+
+class OpenAIErrors:
+    """ASGI middleware: a plain-text error response (4xx or 5xx) becomes OpenAI's JSON; a 500 becomes a 503."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        body = b""
+        sent = False
+
+        async def rewrite(message: dict) -> None:
+            nonlocal start, body, sent
+            if message["type"] == "http.response.start":
+                sent = True
+                headers = {k.lower(): v for k, v in message.get("headers", [])}
+                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    start = message  # held until its body is known
+                    return
+            elif message["type"] == "http.response.body" and start is not None:
+                body += message.get("body", b"")
+                if message.get("more_body"):
+                    return
+                for out in openai_error(start, body.decode(errors="replace"), request_id(scope)):
+                    await send(out)
+                return
+            await send(message)
+
+        await self.app(scope, receive, rewrite)
+        if not sent:  # Serve's proxy sends nothing when the replica died: the server would say a plain 500
+            rid = request_id(scope)
+            for out in openai_error({"status": 500, "headers": [(b"x-request-id", rid.encode())] if rid else []},
+                                    "the replica was lost", rid):
+                await send(out)
+
+
+def request_id(scope: dict) -> str | None:
+    """The id Serve's RequestIdMiddleware (inside this one) put in the request's headers."""
+    return next((v.decode() for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"), None)
+
+
+def openai_error(start: dict, text: str, rid: str | None) -> list[dict]:
+    """The ASGI messages of the proxy's plain-text error `start` + `text`, as OpenAI's JSON error."""
+    status = 503 if start["status"] == 500 else start["status"]
+    kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+    if status == 503 and not any(k.lower() == b"retry-after" for k, _ in kept):
+        kept.append((b"retry-after", b"1"))
+    message = text.strip() or "error"
+    if start["status"] == 500:
+        message = ("the replica serving this request stopped before it answered; send the request again "
+                   f"(Serve: {message[:200]})")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    payload = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None,
+                                    "request_id": rid}}).encode()
+    headers = kept + [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": payload, "more_body": False}]
