@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from . import config
@@ -24,7 +27,8 @@ the folder). MANIFEST, the audio and OUTPUT_DIR may be local paths or URLs (s3:/
 S3 credentials come from the usual AWS environment variables or profiles, never from flags.
 
 Exit status: 0 every row ok, 1 some rows are errors (see their 'error' column), 2 the run could not start
-or write its output, 130 interrupted (what finished is kept: the same command resumes).
+or write its output, or Ray could not be reached or went away (the same command resumes), 130 interrupted
+by Ctrl-C or SIGTERM (what finished is kept: the same command resumes).
 """
 
 SERVE = """\
@@ -94,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 when every row is ok (or --allow-partial), 1 when some rows are errors, 2 when the run
-    could not start or could not write its output (bad option, manifest, model or output), 130 when it was
-    interrupted (what finished is kept; a rerun resumes)."""
+    could not start or could not write its output (bad option, manifest, model or output; Ray unreachable, or
+    gone under the run), 130 when it was interrupted by Ctrl-C or SIGTERM (what finished is kept; a rerun
+    resumes)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_ray_logging()
         from .batch.pipeline import transcribe  # pyarrow, tokenizers, the model resolver: not for --help
 
-        summary = transcribe(args.manifest, args.output, options)
+        # SIGTERM (Kubernetes stopping a pod, `ray job stop`, systemd) takes Ctrl-C's path: parts kept, exit 130
+        with _sigterm_as_ctrl_c():
+            summary = transcribe(args.manifest, args.output, options)
     except Interrupted as e:
         print(f"ray-whisper: {redact(str(e))}", file=sys.stderr)
         return 130
@@ -172,7 +179,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not break the clean-up
     raise KeyboardInterrupt
 
 

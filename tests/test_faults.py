@@ -116,6 +116,17 @@ def start_cli(manifest: Path, out: Path, env: dict, *extra: str) -> subprocess.P
     )
 
 
+def closed_port_for_ray() -> int:
+    """A port on 127.0.0.1 that nobody listens on (a RAY_ADDRESS whose cluster is gone)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 def wait_for_progress(proc: subprocess.Popen, at_least: int) -> tuple[int, list[str]]:
     """Read the CLI's stderr until a progress line reports `at_least` files done; (files done, lines read)."""
     lines = []
@@ -159,12 +170,14 @@ def test_a_driver_killed_at_70_percent_keeps_what_reached_storage_and_the_rerun_
     assert (out / "part-from-someone-else.parquet").read_bytes() == b"not ours"
 
 
-def test_ctrl_c_exits_130_saying_what_was_kept_and_how_to_resume(tmp_path, ten_files, ray_session):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_exits_130_saying_what_was_kept_and_how_to_resume(tmp_path, ten_files, ray_session, sig):
+    """SIGTERM (Kubernetes stopping the job's pod) takes Ctrl-C's path: no Ray signal dump, no exit 15."""
     manifest = write_manifest(tmp_path / "m.csv", ten_files)
     out = tmp_path / "out"
     proc = start_cli(manifest, out, {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     done, _ = wait_for_progress(proc, 1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, rest
     assert "Traceback" not in rest and len(rest.strip().splitlines()) <= 3, rest

@@ -19,9 +19,9 @@ import pyarrow as pa
 from .. import schema
 from ..io import storage
 from .assemble import Assembler
-from .cluster import connect
+from .cluster import RESUME, connect, watching
 from ..config import StorageOptions, TranscribeOptions
-from ..errors import ConfigError, Interrupted, OutputError
+from ..errors import ClusterError, ConfigError, Interrupted, OutputError
 from ..io.manifest import read_manifest
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..io.output import OutputDir, new_run_id
@@ -177,10 +177,18 @@ def transcribe(manifest: str, output: str, options: TranscribeOptions | None = N
     if todo.num_rows:
         started_ray = connect(options.run.dashboard)
         try:
-            ds = _assembled(dataclasses.replace(prepared, manifest=todo), options, out.writer(run_id))
-            receipts = _collect(ds, todo.num_rows, done.num_rows, output)
-        except BaseException:
-            if started_ray:  # a local Ray goes with a run that stops early; kept after success, for the next run
+            with watching() as lost:
+                try:
+                    ds = _assembled(dataclasses.replace(prepared, manifest=todo), options, out.writer(run_id))
+                    receipts = _collect(ds, todo.num_rows, done.num_rows, output, lost)
+                except BaseException as e:
+                    if lost() and not isinstance(e, ClusterError):  # Ray's own error about its lost cluster
+                        raise ClusterError(f"{lost()}; {RESUME}") from e
+                    raise
+        except BaseException as e:
+            # a local Ray goes with a run that stops early; kept after success, for the next run. A dead
+            # cluster is left alone: ray.shutdown() would wait on it (the reaper ends a local one's processes)
+            if started_ray and not isinstance(e, ClusterError):
                 _stop_local_ray()
             raise
     rows = out.complete(prepared.manifest, done, receipts, run_id, options.decoding.model, options.fingerprint())
@@ -189,8 +197,10 @@ def transcribe(manifest: str, output: str, options: TranscribeOptions | None = N
     return summary
 
 
-def _collect(ds: Any, total: int, earlier: int, output: str) -> pa.Table:
-    """Run the dataset, showing progress from its receipts; stop at the first part that could not be written."""
+def _collect(ds: Any, total: int, earlier: int, output: str, lost: Any = lambda: None) -> pa.Table:
+    """Run the dataset, showing progress from its receipts; stop at the first part that could not be written.
+    A KeyboardInterrupt (Ctrl-C, SIGTERM, or cluster.watching() when `lost()` says the cluster went away)
+    stops it with a line saying what is saved and how to resume."""
     progress = Progress(total)
     blocks = []
     try:
@@ -206,11 +216,11 @@ def _collect(ds: Any, total: int, earlier: int, output: str) -> pa.Table:
             progress.update(block)
     except KeyboardInterrupt:
         saved = sum(b.num_rows for b in blocks)
-        raise Interrupted(
-            f"interrupted: at least {saved} of this run's {total} file(s) are saved in {output}"
-            + (f" (and {earlier} from earlier runs)" if earlier else "")
-            + "; rerun the same command to transcribe the rest"
-        ) from None
+        kept = (f"at least {saved} of this run's {total} file(s) are saved in {output}"
+                + (f" (and {earlier} from earlier runs)" if earlier else ""))
+        if lost():
+            raise ClusterError(f"{lost()}: {kept}; rerun the same command once Ray is up to transcribe the rest") from None
+        raise Interrupted(f"interrupted: {kept}; rerun the same command to transcribe the rest") from None
     finally:
         progress.close()
     return pa.concat_tables(blocks) if blocks else schema.RECEIPT_SCHEMA.empty_table()
