@@ -299,3 +299,16 @@ def test_a_prompt_column_is_kept_per_row_and_blank_prompts_are_none(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text('audio,prompt\n/a.wav,ComfyUI nodes\n/b.wav,  \n')
     assert read_manifest(str(path))["prompt"].to_pylist() == ["ComfyUI nodes", None]
+
+
+def test_default_ids_tell_urls_apart_by_every_parameter_but_their_signature(tmp_path):
+    """Stored URIs mask every query value that is not known to be harmless, but ids hash the URL without only
+    its password and signing parameters: ?file=a and ?file=b stay two rows, a re-signed URL keeps its id."""
+    signed = "https://host/get?file=a.mp3&X-Amz-Signature=aaa&X-Amz-Date=20261201"
+    resigned = "https://host/get?file=a.mp3&X-Amz-Signature=bbb&X-Amz-Date=20261204"
+    other = "https://host/get?file=b.mp3&X-Amz-Signature=aaa&X-Amz-Date=20261201"
+    assert stable_id(signed) == stable_id(resigned) != stable_id(other)
+    path = tmp_path / "m.csv"
+    path.write_text(f"audio\n{signed}\n{other}\n")
+    table = read_manifest(str(path))
+    assert table["id"].to_pylist() == [stable_id(signed), stable_id(other)]  # not a duplicate id

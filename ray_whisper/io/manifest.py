@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .. import schema
 from ..errors import ManifestError, redact
-from .storage import describe_error, protocol, public_uri, strip
+from .storage import describe_error, protocol, stable_uri, strip
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet",
            ".pq": "parquet"}
@@ -74,9 +74,10 @@ def _file_format(uri: str) -> str:
 
 
 def stable_id(audio: str) -> str:
-    """The default id: the first 16 hex digits of the SHA-1 of the audio URI as stored (storage.public_uri:
-    without its secrets), stable across runs and across re-signed URLs."""
-    return hashlib.sha1(public_uri(audio).encode("utf-8")).hexdigest()[:16]
+    """The default id: the first 16 hex digits of the SHA-1 of the audio URI without its password and signing
+    parameters (storage.stable_uri), stable across runs and re-signed URLs; URLs that differ in any other
+    parameter (?file=a.mp3, ?file=b.mp3) keep different ids, though the stored URI masks those values."""
+    return hashlib.sha1(stable_uri(audio).encode("utf-8")).hexdigest()[:16]
 
 
 def read_manifest(uri: str, filesystem: Any = None) -> pa.Table:
