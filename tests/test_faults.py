@@ -14,11 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 import ray_whisper
-from ray_whisper import cli, schema
+from ray_whisper import cli
 from ray_whisper.asr import evaluation as ev
 from ray_whisper.io.output import SUCCESS, IncompleteOutputError, OutputDir, read_results
 

@@ -6,7 +6,6 @@ SIGTERM: the requests in flight are answered, new ones get 503, the process exit
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
