@@ -174,8 +174,11 @@ def test_ctrl_c_exits_130_saying_what_was_kept_and_how_to_resume(tmp_path, ten_f
     """SIGTERM (Kubernetes stopping the job's pod) takes Ctrl-C's path: no Ray signal dump, no exit 15."""
     manifest = write_manifest(tmp_path / "m.csv", ten_files)
     out = tmp_path / "out"
-    proc = start_cli(manifest, out, {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
+    # batches of 1: a part every 4 files, so the first progress line comes while files are still left (with
+    # batches of 2 its first part could hold all ten once decoding got faster, and the signal came too late)
+    proc = start_cli(manifest, out, {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}, "--batch-size", "1")
     done, _ = wait_for_progress(proc, 1)
+    assert done < 10, "the run finished before it could be interrupted"
     proc.send_signal(sig)
     rest = proc.stderr.read()
     assert proc.wait(timeout=60) == 130, rest
