@@ -73,8 +73,9 @@ def _as_files(batch: Any, columns: dict[str, str | None], carried: list[str]) ->
         out[schema.ID].append(str(given) if given is not None else
                               stable_id(uri) if data is None else _memory_id(data))
         out[schema.AUDIO].append(uri)
-        out[schema.LANGUAGE].append(_text(row.get(columns["language_column"])) if columns["language_column"] else None)
-        out[schema.PROMPT].append(_text(row.get(columns["prompt_column"])) if columns["prompt_column"] else None)
+        for name, column in ((schema.LANGUAGE, columns["language_column"]), (schema.PROMPT, columns["prompt_column"])):
+            value = row.get(column) if column else None
+            out[name].append(value if schema.present(value) else None)  # null: None or NaN
         out[schema.AUDIO_BYTES].append(data)
         out[schema.CARRY].append(pickle.dumps({c: row[c] for c in carried}))
     return pa.table({name: pa.array(values, type=pa.large_binary() if name in (schema.AUDIO_BYTES, schema.CARRY)
@@ -118,10 +119,6 @@ def _wav(samples: np.ndarray, rate: int) -> bytes:
 
 def _memory_id(data: bytes) -> str:
     return f"{hashlib.sha1(data).hexdigest()[:16]}-{uuid.uuid4().hex[:8]}"
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 def _unpacked(batch: pa.Table) -> pa.Table:
