@@ -45,6 +45,10 @@ class OutputError(RayWhisperError):
     """The output location cannot be used, or writing to it failed."""
 
 
+class OutputBusyError(OutputError):
+    """Another live run holds the output directory's lease (io/lease.py); the message names it."""
+
+
 class IncompleteOutputError(OutputError):
     """The output has no _SUCCESS marker: its run did not finish, rows may be missing."""
 

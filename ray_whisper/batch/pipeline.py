@@ -167,10 +167,17 @@ def transcribe(manifest: str, output: str, options: TranscribeOptions | None = N
     started = time.perf_counter()
     options = (options or TranscribeOptions()).replace(**overrides)
     out = OutputDir.open(output, options.storage.resolved())
+    run_id = new_run_id()
+    with out.held(run_id):  # one writer at a time: another run on `output` stops at once, exit 2 (io/lease.py)
+        return _transcribe(manifest, output, options, out, run_id, started)
+
+
+def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: OutputDir, run_id: str,
+                started: float) -> Summary:
+    """transcribe() while it holds `out`'s lease."""
     prepared = prepare(manifest, options, out)
     todo, done = out.begin(prepared.manifest, options.fingerprint(), overwrite=options.run.overwrite,
                            retry_errors=options.run.retry_errors)
-    run_id = new_run_id()
     if done.num_rows:
         log.info("resuming: %d of %d rows already in %s", done.num_rows, prepared.manifest.num_rows, output)
     receipts = schema.RECEIPT_SCHEMA.empty_table()

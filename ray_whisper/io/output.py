@@ -6,18 +6,20 @@ Layout of OUTPUT_DIR (local or object storage):
     part-<run>-<random>.parquet       output rows, written by the assemble stage as files finish (parts.py)
     _SUCCESS                          JSON: the run that committed, its index, its summary; written last
     _ray_whisper/index-<run>.arrow    id -> part for every manifest row of that run (Arrow IPC)
+    _ray_whisper/lease.json           the run writing here now: one writer at a time (lease.py)
 
 Only the data rows match `*.parquet`, at the top or in any sub-folder, so every engine's reader (pandas,
 pyarrow, DuckDB, Polars, Spark, Ray Data) sees them and nothing else: the run's metadata is neither Parquet nor
 beside the parts, and a part being written is `.rw-tmp-<part>.tmp` (DuckDB's globs match dot-files).
 
-A run begins by removing `_SUCCESS` (the table is about to change) and what killed runs left half-written (our
-own temporary files), then reads the parts that are ours (marked, in the output schema; parts.read_part) to
-find the manifest rows already done; anything else in the directory is left alone and never read. While a run
-goes, the latest row of an id wins (parts sort by run start). At commit the rows that lost leave the data
-files: each part that holds one is rewritten beside with only its current rows and then removed, a part
-without any is never touched; with --overwrite, every part of earlier runs goes then, not before. Then the
-index and `_SUCCESS` are written. So a committed directory holds one row per id in its parts, whichever
+A run first takes the directory's lease (lease.py; a second run exits 2). Holding it, it begins by removing
+`_SUCCESS` (the table is about to change) and what killed runs left half-written (temporary files of other runs:
+none of them is live while the lease is ours), then reads the parts that are ours (marked, in the output schema;
+parts.read_part) to find the manifest rows already done; anything else in the directory is left alone and never
+read. While a run goes, the latest row of an id wins (parts sort by run start). At commit the rows that lost
+leave the data files: each part that holds one is rewritten beside with only its current rows and then removed,
+a part without any is never touched; with --overwrite, every part of earlier runs goes then, not before. Then
+the index and `_SUCCESS` are written. So a committed directory holds one row per id in its parts, whichever
 engine reads it; `read_results` returns the committing run's manifest rows (a directory that served other
 manifests holds their ids' rows too). Directories committed before the index moved (`_index-<run>.parquet`
 beside the parts) are read and resumed as they are; their next commit moves the index.
@@ -25,10 +27,12 @@ beside the parts) are read and resumed as they are; their next commit moves the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ from .. import schema
 from . import storage
 from ..config import StorageOptions
 from ..errors import LOST, IncompleteOutputError, OutputError, kind_of, row_error
+from .lease import Lease, holding
 from .parts import PART_PREFIX, SCHEMA_VERSION, TEMP_PREFIX, PartWriter, part_name, put_whole, read_part, run_of
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ log = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"  # where Spark and Hadoop put theirs; not Parquet, and skipped by directory readers
 META = "_ray_whisper"  # run metadata, out of every reader's `*.parquet` glob
 INDEX_PREFIX = "index-"  # META/index-<run>.arrow
+LEASE = f"{META}/lease.json"  # who writes here now (lease.py)
 LEGACY_INDEX_PREFIX = "_index-"  # <dir>/_index-<run>.parquet, before the index moved into META
 TOOL = "ray_whisper"
 INDEX_SCHEMA = pa.schema([pa.field(schema.ID, pa.string()), pa.field(schema.PART, pa.string())])
@@ -65,6 +71,7 @@ class OutputDir:
     root: str  # the directory as the filesystem names it
     storage: StorageOptions
     replacing: bool = False  # begun with --overwrite: at commit, every part of earlier runs goes
+    lease: Lease | None = None  # held while a run writes here (held())
 
     @classmethod
     def open(cls, uri: str, options: StorageOptions | None = None) -> OutputDir:
@@ -92,6 +99,18 @@ class OutputDir:
             fix = ("check that the directory's parent exists and that you may write there" if local else
                    "check that the bucket exists, the credentials allow writing, and the endpoint is right")
             raise OutputError(f"output {self.uri} is not writable: {storage.describe_error(e, self.uri)}; {fix}") from e
+
+    @contextlib.contextmanager
+    def held(self, run_id: str, **timing: float) -> Iterator[Lease]:
+        """The directory's lease for `run_id` over the block, released on every way out: while it is held, another
+        run on this directory stops at once with OutputBusyError (exit 2). Checks the directory writable first."""
+        self.check_writable()
+        with holding(self.fs, self.uri, self.path(LEASE), run_id, **timing) as held:
+            self.lease = held
+            try:
+                yield held
+            finally:
+                self.lease = None
 
     def writer(self, run_id: str) -> PartWriter:
         return PartWriter(self.uri, self.storage, run_id)
@@ -132,7 +151,7 @@ class OutputDir:
         With `overwrite` every row is to do, and the old rows stay (readable) until this run commits."""
         self.check_writable()
         for name in self._names():
-            if name == SUCCESS or name.startswith(TEMP_PREFIX):
+            if name == SUCCESS or self._dead_temp(name):
                 self.fs.rm(self.path(name))
         self.replacing = overwrite
         if overwrite:
@@ -148,6 +167,11 @@ class OutputDir:
             log.warning("%d row(s) in %s were made with other options (model %s; fingerprint differs from %s); "
                         "they are kept; --overwrite redoes them", other.num_rows, self.uri, models, fingerprint)
         return manifest.filter(pc.invert(pc.is_in(manifest[schema.ID], done[schema.ID]))), done
+
+    def _dead_temp(self, name: str) -> bool:
+        """A temporary part that no live run is writing: only the lease's holder knows that, and its own are live."""
+        return (self.lease is not None and name.startswith(TEMP_PREFIX)
+                and not name.startswith(f"{TEMP_PREFIX}{PART_PREFIX}{self.lease.run_id}-"))
 
     def complete(self, manifest: pa.Table, done: pa.Table, receipts: pa.Table, run_id: str, model_name: str,
                  fingerprint: str) -> pa.Table:
@@ -170,7 +194,10 @@ class OutputDir:
 
     def commit(self, run_id: str, rows: pa.Table, summary: dict[str, Any]) -> None:
         """Make the parts hold one row per id (compact), write the index of `rows` (id -> part), remove older
-        indexes, and then write `_SUCCESS`: from now on readers take the run's table as complete."""
+        indexes, and then write `_SUCCESS`: from now on readers take the run's table as complete. A run whose lease
+        was taken over (held(): it stopped renewing for longer than the expiry) raises OutputError instead."""
+        if self.lease is not None:
+            self.lease.confirm()
         rows = self.compact(rows)
         index = f"{META}/{INDEX_PREFIX}{run_id}.arrow"
         if not storage.is_object_store(self.uri):
