@@ -19,6 +19,7 @@ from ..config import DecodingOptions
 from ..constants import MAX_INITIAL_TIMESTAMP_S, SECONDS_PER_TOKEN
 from ..model.kv_cache import DecoderCache
 from ..model.network import Whisper
+from .tally import Tally
 from .tokens import SpecialTokens
 
 
@@ -109,8 +110,9 @@ def choose_sampled(logits: torch.Tensor, temperature: float, generators: list[to
 class Decoder:
     """Decodes batches of log-mel features: `decoder(features, languages) -> [Decoded]`."""
 
-    def __init__(self, net: Whisper, tokens: SpecialTokens, options: DecodingOptions):
+    def __init__(self, net: Whisper, tokens: SpecialTokens, options: DecodingOptions, tally: Tally | None = None):
         self.net = net
+        self.tally = tally if tally is not None else Tally()  # an engine's decoders share one
         self.t = tokens
         self.opt = options
         self.device = next(net.parameters()).device
@@ -128,8 +130,16 @@ class Decoder:
 
     def encode(self, feats: np.ndarray) -> torch.Tensor:
         """The encoder's output for (chunks, n_mels, 3000) features, to decode (and align) without encoding again."""
-        with torch.inference_mode():
+        self.tally.encoder_windows += len(feats)
+        with torch.inference_mode(), self.tally.timing("encoder_s"):
             return self.net.encode(torch.from_numpy(feats).to(self.device, next(self.net.parameters()).dtype))
+
+    def _forward(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """One decoder step (a prompt's tokens at once) for every row of the cache, counted."""
+        self.tally.decoder_steps += 1
+        self.tally.decoder_tokens += tokens.numel()
+        with self.tally.timing("decoder_s"):
+            return self.net.decode(tokens, cache)
 
     def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
                  temperature: float = 0.0, seeds: list[int] | None = None,
@@ -152,12 +162,12 @@ class Decoder:
             rest_len = len(self.t.prompt(None, self.opt.task, self.opt.timestamps)) - 1
             cache = net.new_cache(encoded, width + rest_len + self.opt.max_new_tokens, group=beams, offsets=offsets)
             # every row ends at its start-of-transcript, whose logits give the no-speech and language probabilities
-            logits = net.decode(torch.tensor(padded, device=self.device), cache)
+            logits = self._forward(torch.tensor(padded, device=self.device), cache)
             no_speech = logits[::beams].softmax(-1)[:, self.t.no_speech].tolist()
             languages, language_probs = self._languages(logits[::beams], languages)
             rest = [self.t.prompt(lang, self.opt.task, self.opt.timestamps)[1:] for lang in languages for _ in range(beams)]
             if rest[0]:
-                logits = net.decode(torch.tensor(rest, device=self.device), cache)
+                logits = self._forward(torch.tensor(rest, device=self.device), cache)
             if beams > 1:
                 tokens, sum_logprob = self._beam(logits, cache)
             else:
@@ -194,12 +204,11 @@ class Decoder:
 
     def detect(self, feats: np.ndarray) -> list[tuple[str, float]]:
         """The language of each chunk and its probability, from the start-of-transcript step alone."""
-        dtype = next(self.net.parameters()).dtype
+        encoded = self.encode(feats)
         with torch.inference_mode():
-            x = torch.from_numpy(feats).to(self.device, dtype)
-            cache = self.net.new_cache(self.net.encode(x), 1)
-            sot = torch.full((x.shape[0], 1), self.t.sot, dtype=torch.long, device=self.device)
-            codes, probs = self._detected(self.net.decode(sot, cache))
+            cache = self.net.new_cache(encoded, 1)
+            sot = torch.full((encoded.shape[0], 1), self.t.sot, dtype=torch.long, device=self.device)
+            codes, probs = self._detected(self._forward(sot, cache))
         return list(zip(codes, probs))
 
     def _steps(self, cache: DecoderCache) -> int:
@@ -248,7 +257,7 @@ class Decoder:
                 order = cache.drop(going)
                 rows, token, state = rows[order], token[order], state.select(order)
             if step + 1 < steps:
-                logits = self.net.decode(token[:, None], cache)
+                logits = self._forward(token[:, None], cache)
         seqs = generated.tolist()
         return [s[: s.index(self.t.eot)] if self.t.eot in s else s for s in seqs], sum_logprob.tolist()
 
@@ -306,6 +315,6 @@ class Decoder:
             cache.reorder(row_t, torch.tensor(kept, device=self.device) if len(kept) < len(chunk_of) else None)
             chunk_of = [chunk_of[g] for g in kept]
             if step + 1 < steps:
-                logits = self.net.decode(token_t[:, None], cache)
+                logits = self._forward(token_t[:, None], cache)
         best = [max(f, key=lambda sf: sf[0] / max(len(sf[1]), 1)) if f else (0.0, []) for f in finished]
         return [b[1] for b in best], [b[0] for b in best]

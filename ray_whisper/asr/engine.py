@@ -29,6 +29,7 @@ from . import features
 from .alignment import WordAligner
 from .decoding import Decoder
 from .merge import ChunkTranscript
+from .tally import Tally
 from .tokens import checkpoint_tokens, language_code
 from .transcribe import transcribe_chunks
 
@@ -64,6 +65,7 @@ class Engine:
             quantize_linear(self.net)
         self.net.cross_dtype = cross_attention_dtype(self.device, dtype)
         self.n_mels = self.net.dims.n_mels
+        self.tally = Tally()  # what it did since it loaded (asr.tally), all its decoders together
         self._variants: dict[tuple, tuple[Decoder, WordAligner | None]] = {}
         self.decoder, self.aligner = self._variant()
         log.info("model %s loaded on %s (%s)", model_path, self.device, dtype)
@@ -121,5 +123,5 @@ class Engine:
             options = dataclasses.replace(self.options, **changes)
             aligner = WordAligner(self.net, self.tokens, self.checkpoint.alignment_heads, options.task, self.text) \
                 if options.word_timestamps else None
-            self._variants[key] = (Decoder(self.net, self.tokens, options), aligner)
+            self._variants[key] = (Decoder(self.net, self.tokens, options, self.tally), aligner)
         return self._variants[key]

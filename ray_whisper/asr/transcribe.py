@@ -47,6 +47,7 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
     opt = decoder.opt
     n = len(durations)
     prompts, seeds = prompts or [None] * n, seeds or list(range(n))
+    decoder.tally.chunks += n
     encoded = decoder.encode(feats)
     hold = None
     if opt.timestamps:
@@ -71,10 +72,12 @@ def _seek(decoder: Decoder, feats: np.ndarray, durations: list[float], decoded: 
         and _has_sound(feats[i], row.segments[-1][1], duration)
     ]
     if again:
-        shifted = np.stack([_shift(feats[i], resume) for i, resume in again])
-        rows = [i for i, _ in again]
-        second = _with_fallback(decoder, shifted, [out[i].language for i in rows], [prompts[i] for i in rows],
-                                [seeds[i] + 1 for i in rows], text_of, loops_only=True)
+        decoder.tally.second_passes += len(again)
+        with decoder.tally.timing("second_pass_s"):
+            shifted = np.stack([_shift(feats[i], resume) for i, resume in again])
+            rows = [i for i, _ in again]
+            second = _with_fallback(decoder, shifted, [out[i].language for i in rows], [prompts[i] for i in rows],
+                                    [seeds[i] + 1 for i in rows], text_of, loops_only=True)
         for (i, resume), d in zip(again, second):
             extra = _transcript(decoder, d, durations[i] - resume).segments
             out[i].segments += [(resume + s, resume + e, t) for s, e, t in extra]
@@ -132,13 +135,16 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
         redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of, loops_only)]
         if not redo:
             break
-        again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
-                        [seeds[i] for i in redo], None if encoded is None else encoded[redo])
+        decoder.tally.fallback_decodings += len(redo)
+        with decoder.tally.timing("fallback_s"):
+            again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
+                            [seeds[i] for i in redo], None if encoded is None else encoded[redo])
         for i, r in zip(redo, again):
             if math.isnan(r.language_prob):  # decoded in the language detected the first time: keep its probability
                 r.language_prob = results[i].language_prob
             results[i] = r
             attempts[i].append(r)
+    decoder.tally.fallback_chunks += sum(len(tried) > 1 for tried in attempts)
     for i, tried in enumerate(attempts):
         if len(tried) > 1 and _failed(results[i], opt, text_of, loops_only):
             calm = [r for r in tried if compression_ratio(text_of(r.tokens)) <= opt.compression_ratio_threshold]

@@ -10,6 +10,7 @@ be tried without a cluster: `ModelStage(model_path, DecodingOptions())(ds.take_b
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..config import DecodingOptions
 from ..constants import SAMPLE_RATE
 from ..errors import MODEL_ERROR, row_error
 from ..schema import present
+from .account import ActorClock, report
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +34,24 @@ FILE_LANGUAGES = 4096  # files whose detected language a model actor remembers
 class ModelStage:
     """map_batches callable: one engine per actor; chunk rows in, token rows out."""
 
-    def __init__(self, model_path: str, options: DecodingOptions, cpu_threads: int | None = None):
+    def __init__(self, model_path: str, options: DecodingOptions, cpu_threads: int | None = None,
+                 account_key: str | None = None):
+        """`account_key`: where to report this actor's time (batch.account); None: nowhere."""
+        started = time.time()
         from ..asr.engine import Engine
 
         self.engine = Engine(model_path, options, cpu_threads)
         self.file_languages: OrderedDict[str, tuple[str, float]] = OrderedDict()  # file id -> (language, prob)
+        self.account_key = account_key
+        self.clock = ActorClock(started, time.time(), threads=cpu_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.engine.run(self._map, batch)
+        started = time.time()
+        out = self.engine.run(self._map, batch)
+        self.clock.batch(started, time.time())
+        if self.account_key is not None:
+            report(self.account_key, self.clock, self.engine.tally)
+        return out
 
     def _map(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         schema.require(batch, schema.MODEL_INPUT, "model")

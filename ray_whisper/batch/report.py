@@ -30,6 +30,7 @@ class Summary:
     output: str
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     skipped: int = 0  # rows already done by an earlier run (resume)
+    account: dict[str, Any] = field(default_factory=dict)  # where the seconds went (batch.account); {} when unknown
 
     @property
     def rtfx(self) -> float:
@@ -46,7 +47,7 @@ class Summary:
             "errors_by_kind": self.errors_by_kind,
             "skipped_already_done": self.skipped,
             "output": self.output,
-        }
+        } | ({"account": self.account} if self.account else {})
 
     def __str__(self) -> str:
         lines = [
