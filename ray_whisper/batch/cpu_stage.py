@@ -62,11 +62,14 @@ def _safe_pieces(pieces: Iterator[np.ndarray], notes: list[str]) -> Iterator[np.
 
 
 def file_to_chunks(
-    row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector, detect: bool = False
+    row: dict[str, Any], geom: ChunkGeometry, n_mels: int, filesystem: Any, out: _Collector, detect: bool = False,
+    audio_track: int | None = None,
 ) -> Iterator[pa.Table]:
     """Add one file's chunk rows (or its error row) to `out`, yielding full blocks as they fill up. With
     `detect` (a multilingual model, the row's language unknown), the file's first chunk with sound is its
-    detection chunk, and the rows after it carry its features (schema.DETECT_FEATURES)."""
+    detection chunk, and the rows after it carry its features (schema.DETECT_FEATURES). `audio_track`: the
+    file's audio track to transcribe (None: its default); the last chunk row carries the file's warnings
+    (tracks left out, a silent track, a truncated stream), joined by "; "."""
     detection: dict[str, Any] = {"index": -1, "features": b""}
     detect = detect and not row.get(schema.LANGUAGE)
     # the URI without its secrets travels on (to the output); the real one is only used to fetch
@@ -89,7 +92,7 @@ def file_to_chunks(
             out.add(
                 **base, chunk_index=c.index, is_last=c.is_last, start=c.start, end=c.end,
                 stride_left=c.stride_left, stride_right=c.stride_right, features=blob,
-                warning=notes[0] if (c.is_last and notes) else None,
+                warning="; ".join(notes) if (c.is_last and notes) else None,
                 detect_index=detection["index"], detect_features=carried, carry=carry if c.is_last else None,
             )
         emitted += len(pending)
@@ -97,7 +100,8 @@ def file_to_chunks(
 
     try:
         with _source(row, filesystem) as f:
-            for chunk, samples in iter_chunks(_safe_pieces(decode_stream(f), notes), geom):
+            pieces = _safe_pieces(decode_stream(f, track=audio_track, notes=notes), notes)
+            for chunk, samples in iter_chunks(pieces, geom):
                 pending.append((chunk, samples))
                 if len(pending) >= FEATURE_GROUP:
                     flush()
@@ -126,10 +130,11 @@ def _add_error(out: _Collector, base: dict[str, Any], error: str, emitted: int, 
 
 def chunk_batch(
     batch: pa.Table, geom: ChunkGeometry, n_mels: int, storage_options: StorageOptions | None = None,
-    detect_language: bool = False,
+    detect_language: bool = False, audio_track: int | None = None,
 ) -> Iterator[pa.Table]:
     """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready.
-    `detect_language`: the model detects each file's language once (see file_to_chunks)."""
+    `detect_language`: the model detects each file's language once; `audio_track`: which audio track of each
+    file is transcribed, None for its default (see file_to_chunks)."""
     import torch
 
     schema.require(batch.column_names, (schema.ID, schema.AUDIO), "CPU (decode)")
@@ -137,6 +142,6 @@ def chunk_batch(
     out = _Collector()
     for row in batch.to_pylist():
         fs = storage.filesystem(row[schema.AUDIO], storage_options)
-        yield from file_to_chunks(row, geom, n_mels, fs, out, detect_language)
+        yield from file_to_chunks(row, geom, n_mels, fs, out, detect_language, audio_track)
     if len(out):
         yield out.take()

@@ -117,7 +117,7 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
         chunks = files.map_batches(
             chunk_batch,
             fn_kwargs={"geom": ChunkGeometry.of(options.chunks), "n_mels": prepared.checkpoint.n_mels, "storage_options": prepared.storage,
-                       "detect_language": prepared.detect_language},
+                       "detect_language": prepared.detect_language, "audio_track": options.chunks.audio_track},
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=1,

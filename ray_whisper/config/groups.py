@@ -100,9 +100,15 @@ class DecodingOptions(_Group):
 
 @dataclass(frozen=True)
 class ChunkOptions(_Group):
-    """Where files are cut into the 30-second chunks the encoder sees."""
+    """Which audio track of a file is read, and where it is cut into the 30-second chunks the encoder sees."""
 
-    title: ClassVar[str] = "chunks"
+    title: ClassVar[str] = "audio track and chunks"
+
+    audio_track: int | None = _opt(
+        None, "Audio track of each file to transcribe, counting audio tracks only, from 0 (ffmpeg's -map 0:a:N). "
+        "Default: the track the container flags as default, else the first. A file with more tracks is ok with an "
+        "extra_tracks warning naming the others; a file without track N is a decode_error row.", "N",
+    )
 
     chunk_length_s: float = _opt(30.0, "Longest chunk in seconds (Whisper sees 30 s).")
     stride_length_s: float = _opt(
@@ -112,6 +118,7 @@ class ChunkOptions(_Group):
     search_length_s: float = _opt(8.0, "Each cut goes at the quietest 100 ms in the last this-many seconds of a chunk.")
 
     def __post_init__(self) -> None:
+        _check(self.audio_track is None or self.audio_track >= 0, "--audio-track must be >= 0 (0 is the first audio track)")
         _check(0 < self.chunk_length_s <= 30, "--chunk-length-s must be in (0, 30]: Whisper sees 30 s at most")
         _check(self.search_length_s > 0, "--search-length-s must be positive")
         _check(

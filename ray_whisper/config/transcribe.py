@@ -17,6 +17,9 @@ GROUPS: dict[str, type] = {
     "storage": StorageOptions,
 }
 OWNER = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}  # option -> its group
+# Shaping options added after outputs existed: hashed only when set, so that rows written before them keep
+# their fingerprint (a rerun would otherwise warn that every old row was made with other options)
+HASHED_WHEN_SET = ("audio_track",)
 
 
 @dataclass(frozen=True, init=False)
@@ -63,6 +66,7 @@ class TranscribeOptions:
         """12 hex digits naming the options that shape a transcript (decoding and chunks): written into every
         output row, so that a rerun with other options can tell the rows made with the old ones."""
         shaping = dataclasses.asdict(self.decoding) | dataclasses.asdict(self.chunks)
+        shaping = {k: v for k, v in shaping.items() if not (k in HASHED_WHEN_SET and v is None)}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 

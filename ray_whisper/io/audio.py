@@ -17,6 +17,7 @@ import numpy as np
 
 from ..constants import N_SAMPLES, SAMPLE_RATE
 from ..errors import DecodeError, FetchError, FileError, NoAudioError, TruncatedError, one_line, redact
+from . import tracks
 from .storage import BACKOFF_S, FETCH_ATTEMPTS, http_failure, network_failure, public_uri, strip
 
 T = TypeVar("T")
@@ -108,14 +109,21 @@ def open_audio(uri: str, filesystem: Any = None) -> Iterator[Any]:
         yield _Stream(f, uri)
 
 
-def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Iterator[np.ndarray]:
-    """Decode any container PyAV reads (bytes, or a seekable binary file object), downmixed to mono and
-    resampled to 16 kHz.
+def decode_stream(
+    source: bytes | Any, *, piece_samples: int = N_SAMPLES, track: int | None = None, notes: list[str] | None = None,
+) -> Iterator[np.ndarray]:
+    """Decode one audio track of any container PyAV reads (bytes, or a seekable binary file object), downmixed
+    to mono and resampled to 16 kHz.
+
+    `track`: the audio track to decode, counting audio streams from 0; None: the one flagged default, else
+    the first (io.tracks). A file with more than one audio track appends its warnings to `notes`: the tracks
+    left out, and whether the decoded one is silent while another is not.
 
     Yields float32 arrays of about `piece_samples` samples (the last may be shorter). Raises DecodeError or
-    NoAudioError; a stream that breaks part-way raises DecodeError after yielding what decoded cleanly, and one
-    that ends more than SHORT_BY_S before the length its container declares raises TruncatedError ("decoded
-    X s of Y s") after yielding all of it; the caller decides what to keep.
+    NoAudioError (a `track` the file lacks is a DecodeError); a stream that breaks part-way raises DecodeError
+    after yielding what decoded cleanly, and one that ends more than SHORT_BY_S before the length its container
+    declares raises TruncatedError ("decoded X s of Y s") after yielding all of it; the caller decides what to
+    keep.
     """
     import av
 
@@ -133,9 +141,14 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
             raise source.failure from e
         raise DecodeError(f"not a readable audio/video container: {one_line(e)}") from e
     with container:
-        if not container.streams.audio:
+        audio = container.streams.audio
+        if not audio:
             raise NoAudioError("the file has no audio stream")
-        stream = container.streams.audio[0]
+        chosen = tracks.choose(audio, track)
+        stream = audio[chosen]
+        listener = tracks.Listener({s.index: k for k, s in enumerate(audio)}, chosen) if len(audio) > 1 else None
+        notes = notes if notes is not None else []
+        notes.extend(filter(None, [tracks.extra_note(audio, chosen)]))
         declared = wav_s or _declared_seconds(container, stream)
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         pending: list[np.ndarray] = []
@@ -143,10 +156,12 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
         total = 0
         error: av.error.FFmpegError | None = None
         try:
-            for frame in container.decode(stream):
+            for frame in _frames(container, stream, listener):
                 for out in resampler.resample(frame):
                     pending.append(out.to_ndarray().reshape(-1))
                     pending_len += pending[-1].size
+                    if listener is not None:
+                        listener.hear(pending[-1])
                 if pending_len >= piece_samples:
                     piece = np.concatenate(pending)
                     pending, pending_len = [], 0
@@ -156,6 +171,8 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
                 pending.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as e:
             error = e  # yield what decoded cleanly before the break (still pending), then raise
+        if listener is not None:
+            notes.extend(listener.notes())
         if pending:
             piece = np.concatenate(pending)
             total += piece.size
@@ -171,6 +188,18 @@ def decode_stream(source: bytes | Any, *, piece_samples: int = N_SAMPLES) -> Ite
             raise NoAudioError("the audio stream holds no samples")
         if declared is not None and declared - total / SAMPLE_RATE > SHORT_BY_S:
             raise TruncatedError(decoded)
+
+
+def _frames(container: Any, stream: Any, listener: tracks.Listener | None) -> Iterator[Any]:
+    """The frames of `stream`; the packets of the file's other audio tracks go to `listener` on the way."""
+    if listener is None:
+        yield from container.decode(stream)
+        return
+    for packet in container.demux(*container.streams.audio):
+        if packet.stream.index == stream.index:
+            yield from packet.decode()
+        else:
+            listener.listen(packet)
 
 
 def _decoded(seconds: float, declared: float | None) -> str:
@@ -271,6 +300,7 @@ class _Stream(io.RawIOBase):
         return self._f.tell()
 
 
-def decode_all(data: bytes) -> np.ndarray:
-    """The whole file as one float32 array (tests and benchmarks; the pipeline streams)."""
-    return np.concatenate(list(decode_stream(data)))
+def decode_all(data: bytes, track: int | None = None, notes: list[str] | None = None) -> np.ndarray:
+    """The whole file (its audio track `track`, warnings into `notes`: see decode_stream) as one float32 array
+    (the endpoint's uploads, tests and benchmarks; the pipeline streams)."""
+    return np.concatenate(list(decode_stream(data, track=track, notes=notes)))

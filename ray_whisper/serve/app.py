@@ -96,6 +96,7 @@ class Service:
                  options: ServeOptions, cpu_threads: int = 1):
         self.engine = Engine(model_path, decoding, cpu_threads=cpu_threads)
         self.model_name, self.options, self.geom = model_name, options, ChunkGeometry.of(chunks)
+        self.audio_track = chunks.audio_track
         self.decoding = decoding
         # automatic: as the batch job's model actors size theirs, for the device this replica really got
         size = options.max_batch_size or auto_batch_size(self.engine.device == "cuda", self.engine.checkpoint.config)
@@ -176,8 +177,10 @@ class Service:
     async def _work(self, fields: Fields, task: str, rid: RequestId) -> Response:
         words = fields.words or self.decoding.word_timestamps
         variant = (task, schedule(fields.temperature, self.decoding), words)
-        transcript, decoded = await self._transcribe(fields, variant)
-        headers = rid.headers(**self._prompt_cut(fields))
+        notes: list[str] = []  # an upload's audio tracks left out or silent (io.tracks), as a batch row's warning
+        transcript, decoded = await self._transcribe(fields, variant, notes)
+        warning = {"x-audio-warning": "; ".join(notes).encode("ascii", "replace").decode()} if notes else {}
+        headers = rid.headers(**self._prompt_cut(fields), **warning)
         return respond(transcript, decoded, fields, task, words, self.engine.text, headers)
 
     def _prompt_cut(self, fields: Fields) -> dict[str, str]:
@@ -199,11 +202,12 @@ class Service:
         if self.app_name and (self._watch is None or self._watch.done()):
             self._watch = asyncio.get_running_loop().create_task(watch_drain(self.gate, self.app_name, self.replica))
 
-    async def _transcribe(self, fields: Fields, variant: tuple) -> tuple[Any, list[tuple[Any, ChunkTranscript | None]]]:
-        """The upload decoded, cut and sent through the shared queue chunk by chunk, then merged: its
-        transcript, and each chunk with what it decoded to (None: silent, not decoded)."""
+    async def _transcribe(self, fields: Fields, variant: tuple,
+                          notes: list[str]) -> tuple[Any, list[tuple[Any, ChunkTranscript | None]]]:
+        """The upload (its --audio-track; warnings into `notes`) decoded, cut and sent through the shared queue
+        chunk by chunk, then merged: its transcript, and each chunk with what it decoded to (None: silent)."""
         try:
-            audio = await asyncio.to_thread(decode_all, fields.audio)
+            audio = await asyncio.to_thread(decode_all, fields.audio, self.audio_track, notes)
         except FileError as e:
             raise ApiError(400, f"the file is not audio that can be decoded ({e.kind}: {e}); send wav, mp3, flac, "
                            "ogg, m4a, webm or mp4", "file") from e
