@@ -122,7 +122,8 @@ class Lease:
             try:
                 self.renew()
             except Exception as e:  # noqa: BLE001 - a store failing now may answer at the next beat (6 misses allowed)
-                log.warning("could not renew the lease of %s (will retry): %s", self.uri, storage.describe_error(e, self.uri))
+                log.warning("could not renew the lease of %s (will retry): %s", self.uri,
+                            storage.describe_error(e, self.uri))
             if self.lost:
                 log.error("%s", self.lost)
                 return
@@ -131,24 +132,19 @@ class Lease:
         record = {**self.record, "heartbeat": _iso(time.time())}
         tag = self.store.replace(_encode(record), self.tag)
         if tag is None:
-            self.lost = f"this run lost the lease of {self.uri}: {self._holder()}"
+            self.lost = f"this run lost the lease of {self.uri}: {_holder_now(self.store.read())}"
             return
         self.record, self.tag = record, tag
 
-    def _holder(self) -> str:
-        seen = self.store.read()
-        if seen is None:
-            return "it was removed"
-        return f"run {seen.record.get('run_id', '?')} holds it now"
-
     def confirm(self) -> None:
         """Raise OutputError unless the lease is still ours (checked before a commit changes the directory)."""
-        seen = None if self.lost else self.store.read()
-        if self.lost or seen is None or seen.record.get("token") != self.record["token"]:
-            why = self.lost or f"this run lost the lease of {self.uri}: " + ("it was removed" if seen is None else
-                                                                              f"run {seen.record.get('run_id', '?')} holds it now")
-            raise OutputError(f"{why}; its parts are kept but it does not commit; rerun the same command once the other "
-                              "run is done")
+        if not self.lost:
+            seen = self.store.read()
+            if seen is None or seen.record.get("token") != self.record["token"]:
+                self.lost = f"this run lost the lease of {self.uri}: {_holder_now(seen)}"
+        if self.lost:
+            raise OutputError(f"{self.lost}; its parts are kept but it does not commit; rerun the same command once "
+                              "the other run is done")
 
     def release(self) -> None:
         """Stop the heartbeat and delete the lease if it is still ours; never raises (a lease left behind expires)."""
@@ -162,6 +158,10 @@ class Lease:
         except Exception as e:  # noqa: BLE001 - release runs on the way out of any error and must not hide it
             log.warning("could not release the lease of %s (it expires %g s after its last heartbeat): %s", self.uri,
                         float(self.record["expiry_s"]), storage.describe_error(e, self.uri))
+
+
+def _holder_now(seen: Seen | None) -> str:
+    return "it was removed" if seen is None else f"run {seen.record.get('run_id', '?')} holds it now"
 
 
 def _dead(seen: Seen) -> str:
