@@ -70,3 +70,29 @@ def test_the_tally_counts_a_real_fallback_and_its_cost(bundled_model, speech_cli
     # again for each of its fallbacks
     assert 2 + tally.second_passes <= tally.encoder_windows <= 2 + tally.second_passes + tally.fallback_decodings
     assert tally.decoder_s + tally.encoder_s > 0 and tally.chunks == 2
+
+
+@pytest.mark.slow
+def test_a_run_through_ray_accounts_for_its_seconds_in_its_summary(tmp_path, ray_session, bundled_model):
+    """The model actor's report reaches the driver through Ray's KV: the summary's phases cover the run from its
+    start to its summary, the model's among them, and the tally counts the chunks decoded."""
+    import json
+    import shutil
+
+    import ray_whisper
+    from conftest import DATA
+
+    for name in ("jfk.flac", "multilingual.mp3"):
+        shutil.copy(DATA / name, tmp_path / name)
+    (tmp_path / "manifest.csv").write_text("id,audio\njfk,jfk.flac\nmit,multilingual.mp3\n")
+    summary = ray_whisper.transcribe(str(tmp_path / "manifest.csv"), str(tmp_path / "out"))
+    acc = summary.account
+    assert set(acc["phases_s"]) == {name for name, _ in PHASES}  # the actor reported every moment
+    assert sum(acc["phases_s"].values()) == pytest.approx(summary.wall_s, abs=0.5)
+    assert all(v >= 0 for v in acc["phases_s"].values()), acc["phases_s"]
+    assert acc["model_actors"] >= 1 and all(s > 0 for s in acc["model_load_s"])
+    assert 0 < acc["model_phase_busy_s"] <= acc["model_busy_s"] and acc["model_batches"] >= 1
+    tally = acc["tally"]
+    assert 3 <= tally["chunks"] <= tally["encoder_windows"] and tally["decoder_steps"] > tally["chunks"]
+    marker = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert marker["summary"]["account"]["tally"] == tally  # what benchmarks/throughput.py reads

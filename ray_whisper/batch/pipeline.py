@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from .. import schema
 from ..io import storage
+from .account import account, collect
 from .assemble import Assembler
 from .cluster import RESUME, connect, watching
 from ..config import StorageOptions, TranscribeOptions
@@ -46,6 +47,7 @@ class Prepared:
     checkpoint: Checkpoint  # the model, resolved; its configs and tokenizer (the merge stage needs no transformers)
     storage: StorageOptions  # resolved: the driver's endpoint and region, for every worker
     detect_language: bool = False  # each file's language detected once (tokens.detects_file_language)
+    account_key: str | None = None  # where the model actors report their time (batch.account); None: nowhere
 
 
 def prepare(manifest: str, options: TranscribeOptions, output: OutputDir | None = None) -> Prepared:
@@ -130,6 +132,7 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
             ModelStage,
             fn_constructor_kwargs={
                 "model_path": prepared.checkpoint.path, "options": options.decoding, "cpu_threads": res.cpu_threads,
+                "account_key": prepared.account_key,
             },
             batch_size=res.batch_size,
             batch_format="numpy",
@@ -175,14 +178,17 @@ def transcribe(manifest: str, output: str, options: TranscribeOptions | None = N
 def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: OutputDir, run_id: str,
                 started: float) -> Summary:
     """transcribe() while it holds `out`'s lease."""
-    prepared = prepare(manifest, options, out)
+    moments = {"started": time.time() - (time.perf_counter() - started)}  # the run's phases (batch.account)
+    prepared = dataclasses.replace(prepare(manifest, options, out), account_key=run_id)
     todo, done = out.begin(prepared.manifest, options.fingerprint(), overwrite=options.run.overwrite,
                            retry_errors=options.run.retry_errors)
+    moments["prepared"] = time.time()
     if done.num_rows:
         log.info("resuming: %d of %d rows already in %s", done.num_rows, prepared.manifest.num_rows, output)
     receipts = schema.RECEIPT_SCHEMA.empty_table()
     if todo.num_rows:
         started_ray = connect(options.run.dashboard)
+        moments["ray_started"] = time.time()
         try:
             with watching() as lost:
                 try:
@@ -198,8 +204,11 @@ def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: Out
             if started_ray and not isinstance(e, ClusterError):
                 _stop_local_ray()
             raise
+    moments["ran"] = time.time()
     rows = out.complete(prepared.manifest, done, receipts, run_id, options.decoding.model, options.fingerprint())
     summary = summarize(rows, receipts, time.perf_counter() - started, output, done.num_rows)
+    moments["ended"] = time.time()
+    summary.account = account(moments, collect(run_id) if todo.num_rows else [])
     out.commit(run_id, rows, summary.as_dict())
     return summary
 
