@@ -110,6 +110,21 @@ def test_no_silent_warning_when_the_transcribed_track_has_sound_or_none_has(file
     assert notes == ["extra_tracks: transcribed audio track 0 of 2 (--audio-track N picks another), not 1"]
 
 
+def plain_decode(path: Path, track: int) -> np.ndarray:
+    """One audio stream as PyAV alone decodes it, resampled as the pipeline does."""
+    with av.open(str(path)) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        frames = [*container.decode(container.streams.audio[track]), None]
+        return np.concatenate([out.to_ndarray().reshape(-1) for f in frames for out in resampler.resample(f)])
+
+
+@pytest.mark.parametrize("name, track", [("silent_first", 0), ("silent_first", 1), ("three", 0), ("three", 2)])
+def test_listening_to_the_other_tracks_changes_no_sample_of_the_transcribed_one(files, name, track):
+    """The other tracks' packets are read beside the transcribed one's until they have been heard (for "three"
+    track 2, silent, both others speak at once), then the transcribed track is read alone."""
+    assert np.array_equal(decode(files[name], track)[0], plain_decode(files[name], track))
+
+
 def test_a_file_with_one_audio_track_has_no_warning(files, jfk):
     audio, notes = decode(files["one"])
     assert notes == [] and aligned_correlation(audio, jfk)[0] > 0.95

@@ -191,15 +191,19 @@ def decode_stream(
 
 
 def _frames(container: Any, stream: Any, listener: tracks.Listener | None) -> Iterator[Any]:
-    """The frames of `stream`; the packets of the file's other audio tracks go to `listener` on the way."""
-    if listener is None:
-        yield from container.decode(stream)
-        return
-    for packet in container.demux(*container.streams.audio):
-        if packet.stream.index == stream.index:
-            yield from packet.decode()
+    """The frames of `stream`; the packets of the file's other audio tracks go to `listener` on the way, until
+    it has heard enough, and from there the demuxer reads `stream` alone (from where it is)."""
+    if listener is not None:
+        for packet in container.demux(*container.streams.audio):
+            if packet.stream.index == stream.index:
+                yield from packet.decode()
+            else:
+                listener.listen(packet)
+            if listener.done:
+                break
         else:
-            listener.listen(packet)
+            return
+    yield from container.decode(stream)
 
 
 def _decoded(seconds: float, declared: float | None) -> str:

@@ -108,6 +108,11 @@ class Listener:
         except av.error.FFmpegError:
             return
 
+    @property
+    def done(self) -> bool:
+        """Nothing left to learn: the transcribed track has sound, or every track has."""
+        return self.chosen in self.heard or len(self.heard) == len(self.numbers) - 1
+
     def notes(self) -> list[str]:
         note = silent_note(self.chosen, self.heard)
         return [note] if note else []
