@@ -82,6 +82,8 @@ def ceiling(paths: list[Path], threads: int, repeats: int) -> dict:
 
 
 def health(url: str) -> dict:
+    """The replicas' figures (summed over them), as the proxy reports them: at most a fraction of a second old."""
+    time.sleep(0.5)
     with urllib.request.urlopen(f"{url}/health", timeout=30) as r:
         return json.loads(r.read())
 
@@ -107,20 +109,22 @@ def one_run(mode: str, paths: list[Path], send, url: str) -> dict:
     return {"wall_s": wall, "latencies": latencies, "mean_batch_size": chunks / max(batches, 1), "batch_sizes": sizes}
 
 
-def endpoint(paths: list[Path], wait_s: float, max_batch: int | None, repeats: int) -> dict:
+def endpoint(paths: list[Path], wait_s: float, max_batch: int | None, repeats: int, replicas: int = 1) -> dict:
     from openai import OpenAI
     from ray import serve
 
     from ray_whisper.batch.cluster import connect
     from ray_whisper.config import ChunkOptions, DecodingOptions, ServeOptions
-    from ray_whisper.serve.app import build
+    from ray_whisper.serve.app import build, openai_errors_in_the_proxy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    openai_errors_in_the_proxy()  # as `ray-whisper serve`: the proxy answers probes and refusals
     connect()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServeOptions(port=port, max_batch_size=max_batch, batch_wait_timeout_s=wait_s)
+    options = ServeOptions(port=port, max_batch_size=max_batch, batch_wait_timeout_s=wait_s, min_replicas=replicas,
+                           max_replicas=replicas)
     serve.run(build(DecodingOptions(), ChunkOptions(), options), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
@@ -157,7 +161,7 @@ def overload(clients: int, deadline_s: float, folder: Path, held: int | None, un
 
     from ray_whisper.batch.cluster import connect
     from ray_whisper.config import ServeOptions
-    from ray_whisper.serve.app import build
+    from ray_whisper.serve.app import build, openai_errors_in_the_proxy
 
     rng = np.random.default_rng(1)
     source = decode_all((ROOT / "tests/data/jfk.flac").read_bytes())
@@ -168,6 +172,7 @@ def overload(clients: int, deadline_s: float, folder: Path, held: int | None, un
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    openai_errors_in_the_proxy()
     connect()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     limits = {"max_queued_requests": 100_000, "max_uploads": 100_000} if unbounded else {"max_queued_requests": held}
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.05)
     parser.add_argument("--max-batch-size", type=int, default=None, help="default: the endpoint's (automatic)")
     parser.add_argument("--repeats", type=int, default=3, help="sequential and concurrent runs, interleaved; medians")
+    parser.add_argument("--replicas", type=int, default=1, help="model replicas of the endpoint (the sizing rule)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling (replica runs only)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--overload", type=int, default=0, metavar="N", help="only the overload run, N clients")
     parser.add_argument("--deadline-s", type=float, default=600, help="the overload run's bound")
@@ -257,10 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
         return r
     with tempfile.TemporaryDirectory() as tmp:
         paths = clips(args.files, Path(tmp))
-        limit = ceiling(paths, args.threads, args.repeats)
-        print(f"ceiling (model alone, {args.files} clips): {limit['one_at_a_time_s']:.1f} s one at a time, "
-              f"{limit['one_batch_s']:.1f} s as one batch: {limit['ratio']:.2f}x", flush=True)
-        served = endpoint(paths, args.batch_wait_timeout_s, args.max_batch_size, args.repeats)
+        limit = {"ratio": float("nan")} if args.no_ceiling else ceiling(paths, args.threads, args.repeats)
+        if not args.no_ceiling:
+            print(f"ceiling (model alone, {args.files} clips): {limit['one_at_a_time_s']:.1f} s one at a time, "
+                  f"{limit['one_batch_s']:.1f} s as one batch: {limit['ratio']:.2f}x", flush=True)
+        served = endpoint(paths, args.batch_wait_timeout_s, args.max_batch_size, args.repeats, args.replicas)
     for mode, r in served.items():
         print(f"{mode:>10}: {r['files_per_s']:.2f} files/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, "
               f"mean batch {r['mean_batch_size']:.1f}")
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"concurrent / sequential (median walls of {args.repeats} runs each): {gain:.2f}x, {share:.2f} of the "
           f"ceiling's {limit['ratio']:.2f}x (target 0.9)")
     result = {"ceiling": limit, **served, "gain": gain, "share_of_ceiling": share,
-              "batch_wait_timeout_s": args.batch_wait_timeout_s, "files": args.files}
+              "batch_wait_timeout_s": args.batch_wait_timeout_s, "files": args.files, "replicas": args.replicas}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

@@ -34,8 +34,12 @@ by Ctrl-C or SIGTERM (what finished is kept: the same command resumes).
 SERVE = """\
 Serve the model online on Ray Serve (the cluster in RAY_ADDRESS, else a local Ray), compatible with OpenAI's
 audio API: POST /v1/audio/transcriptions and /v1/audio/translations (multipart: file, model, language,
-prompt, response_format json|text|srt|vtt|verbose_json, temperature, timestamp_granularities[]), GET /health.
-Chunks of concurrent requests share the model's batches. Ctrl-C stops the endpoint.
+prompt, response_format json|text|srt|vtt|verbose_json, temperature, timestamp_granularities[]); GET /health
+and /ready (503 with the reason while no replica takes work). Chunks of concurrent requests share the model's
+batches.
+
+Exit status: 0 stopped by SIGTERM or Ctrl-C (new requests refused, those in flight given --drain-timeout-s; during
+start-up: what was started stopped), 2 the endpoint could not start (bad option or model, Ray unreachable).
 """
 
 EXPORT = """\
@@ -144,24 +148,42 @@ def _options(args: argparse.Namespace, cls: type) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import time
+    """Serve until SIGTERM or Ctrl-C, then drain; either signal during start-up stops what was started.
+    Exit 0 either way (a stop that was asked for)."""
+    import os
 
     from ray import serve
 
-    from .serve.app import build, clear_drain, drain, openai_errors_in_the_proxy
+    from .serve.app import build, clear_drain, openai_errors_in_the_proxy
 
     decoding, chunks = _options(args, config.DecodingOptions), _options(args, config.ChunkOptions)
     options = _options(args, config.ServeOptions)
     _quiet_ray_logging()
     openai_errors_in_the_proxy()
-    local = connect()
-    serve.start(http_options={"host": options.host, "port": options.port})
-    clear_drain("ray_whisper")
-    serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
+    local = not os.environ.get("RAY_ADDRESS")  # connect() starts a local Ray exactly then
+    # a process manager's stop (systemd, Kubernetes) as Ctrl-C, from here on: connect() keeps this handler
+    # across ray.init, which would otherwise install Ray's own (the process dies with what it started)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        local = connect()
+        serve.start(http_options={"host": options.host, "port": options.port})
+        clear_drain("ray_whisper")
+        serve.run(build(decoding, chunks, options), name="ray_whisper", route_prefix="/")
+    except KeyboardInterrupt:
+        _stop_serving(local, " during its start-up, before it served (SIGTERM or Ctrl-C)")
+        return 0
     host, port = _listening(options)
     print(f"serving {decoding.model} on http://{host}:{port}/v1/audio/transcriptions "
-          "(GET /health; Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop (systemd, Kubernetes) as Ctrl-C
+          "(GET /health, /ready; Ctrl-C stops)", flush=True)
+    _serve_until_stopped(options, local)
+    return 0
+
+
+def _serve_until_stopped(options: config.ServeOptions, local: bool) -> None:
+    import time
+
+    from .serve.app import drain
+
     try:
         while True:
             time.sleep(3600)
@@ -169,14 +191,26 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ray-whisper: draining: new requests get 503, those in flight have {options.drain_timeout_s:g} s "
               "(--drain-timeout-s)", file=sys.stderr, flush=True)
         drained = drain("ray_whisper", options.drain_timeout_s)
+        _stop_serving(local, "" if drained else " (requests left at the deadline got 503)")
+
+
+def _stop_serving(local: bool, note: str) -> None:
+    """The endpoint gone: with a local Ray, Serve and Ray itself; on a shared cluster, only this app."""
+    import ray
+    from ray import serve
+
+    from .serve.app import clear_drain
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up runs to its end: a second Ctrl-C waits
+    if ray.is_initialized():
         if local:
             serve.shutdown()
-        else:  # a shared cluster: only this app goes, other Serve apps stay
-            serve.delete("ray_whisper")
-        clear_drain("ray_whisper")
-        print("ray-whisper: the endpoint stopped" + ("" if drained else " (requests left at the deadline got 503)"),
-              file=sys.stderr)
-    return 0
+            ray.shutdown()
+        else:  # other Serve apps of the cluster stay
+            with contextlib.suppress(Exception):  # not deployed yet: nothing to delete
+                serve.delete("ray_whisper")
+            clear_drain("ray_whisper")
+    print(f"ray-whisper: the endpoint stopped{note}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

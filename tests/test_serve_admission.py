@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from ray_whisper.config import ServeOptions
 from ray_whisper.errors import ConfigError
+from ray_whisper.serve import health
 from ray_whisper.serve.admission import Gate, default_held
 from ray_whisper.serve.app import replica_warning
 from ray_whisper.serve.protocol import ApiError, RequestId
 from ray_whisper.serve.queue import BatchQueue, Expired
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_full_gate_refuses_with_503_retry_after_and_the_reason():
@@ -88,11 +94,11 @@ def test_the_default_queue_bound_is_a_batch_and_a_half():
 
 
 @pytest.mark.parametrize("replicas, gpus, nodes, cluster_gpus, warns", [
-    (2, 0.0, [2.0], 0, True),  # the measured case: 2 replicas on 2 cores, 0.51x of one
+    (2, 0.0, [2.0], 0, True),  # the measured case: 2 replicas on 2 cores, 0.51-0.84x of one
     (1, 0.0, [2.0], 0, False),
-    (2, 0.0, [8.0], 0, False),
-    (3, 0.0, [8.0], 0, True),
-    (4, 0.0, [8.0, 8.0], 0, False),
+    (2, 0.0, [8.0], 0, True),  # one CPU replica per node
+    (2, 0.0, [8.0, 8.0], 0, False),
+    (3, 0.0, [8.0, 8.0, 0.0], 0, True),  # a node without CPUs takes none
     (3, 1.0, [8.0], 2, True),
     (4, 0.5, [8.0], 2, False),
 ])
@@ -101,6 +107,8 @@ def test_more_replicas_than_the_host_can_use_warn(replicas, gpus, nodes, cluster
     assert (message is not None) == warns
     if message:
         assert f"--min-replicas {replicas}" in message and "Use --min-replicas" in message
+        if gpus == 0:  # the rule the warning applies, with the measurement behind it
+            assert "one replica per node" in message and "docs/performance.md" in message
 
 
 @pytest.mark.parametrize("bad", [{"max_queued_requests": 0}, {"upload_timeout_s": 0}, {"drain_timeout_s": -1},
@@ -147,3 +155,85 @@ def test_the_proxys_plain_text_errors_become_openais_json(case):
     assert error["type"] == "server_error" and error["request_id"] == "abc"
     assert headers[b"retry-after"] == (b"1" if case == "lost replica" else b"7")
     assert ("stopped before it answered" if case == "lost replica" else "backpressure") in error["message"]
+
+
+def report(replica: str, age_s: float, unready: str | None = None, **figures) -> dict:
+    return {"replica": replica, "pid": 1, "model": "m", "time": 1000.0 - age_s, "unready": unready,
+            "retry_after_s": 2.5, "batches": 2, "chunks": 5, **figures}
+
+
+@pytest.mark.parametrize("case, ready_code, health_code, reason", [
+    ("starting", 503, 503, "no model replica is up yet"),
+    ("killed", 503, 503, "last one reported 9 s ago"),
+    ("at capacity", 503, 200, "at capacity: 24 requests"),
+    ("one of two takes work", 200, 200, None),
+])
+def test_the_probes_answer_from_the_replicas_reports(case, ready_code, health_code, reason):
+    reports = {"starting": [], "killed": [report("a", 9.0)],
+               "at capacity": [report("a", 0.2, "at capacity: 24 requests"), report("b", 9.0)],
+               "one of two takes work": [report("a", 0.2, "at capacity: 24 requests"), report("b", 0.1)]}[case]
+    status, body, retry = health.ready(reports, 1000.0)
+    assert status == ready_code and (reason is None or reason in body["reason"]), body
+    assert (retry is None) == (status == 200) and (case != "at capacity" or retry == 2.5)
+    status, body = health.health(reports, 1000.0, refused_here=3)
+    assert status == health_code and (status == 503) == (body["status"] == "unavailable")
+    if status == 200:  # only the live replicas count, each named, plus what the proxy refused
+        assert [r["replica"] for r in body["replicas"]] == (["a"] if case == "at capacity" else ["a", "b"])
+        assert body["batches"] == 2 * len(body["replicas"]) and body["refused"] == 3
+    refusal = health.refusal(reports, 1000.0)  # the proxy refuses at once only when every live replica would
+    assert (refusal is not None) == (case == "at capacity")
+
+
+def test_the_proxy_answers_the_probes_and_refuses_without_reaching_serve():
+    from ray_whisper.serve.proxy import OpenAIErrors
+
+    async def serve_app(scope, receive, send):  # Serve's own app: must not be reached
+        raise AssertionError(scope["path"])
+
+    async def run(proxy, method, path):
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        await proxy({"type": "http", "method": method, "path": path, "headers": []}, None, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
+
+    async def all_three():
+        proxy = OpenAIErrors(serve_app)
+        proxy._reports, proxy._read_at = [report("a", 0.0, "draining: the server is shutting down")], time.monotonic()
+        for r in proxy._reports:
+            r["time"] = time.time()
+        return [await run(proxy, m, p) for m, p in [("GET", "/ready"), ("GET", "/health"),
+                                                    ("POST", "/v1/audio/transcriptions")]] + [proxy.refused]
+
+    ready, live, refused, count = asyncio.run(all_three())
+    assert ready[0] == 503 and ready[1][b"retry-after"] == b"3" and ready[2]["error"]["message"].startswith("draining")
+    assert live[0] == 200 and live[2]["replicas"][0]["replica"] == "a" and b"x-request-id" in live[1]
+    assert refused[0] == 503 and refused[2]["error"]["type"] == "server_error" and count == 1
+
+
+def test_the_proxy_callback_loads_without_the_models_dependencies():
+    """Serve's proxy imports it on nodes that may have Ray Serve only (deploy/kuberay installs it --no-deps)."""
+    code = ("import sys\nfor m in ('torch', 'numpy', 'fastapi', 'ray_whisper.serve.app', 'ray_whisper.asr'):\n"
+            "    sys.modules[m] = None\nimport ray_whisper.serve.proxy as p\nprint(len(p.middlewares()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr[-2000:]
+
+
+def test_the_rayservice_loads_the_proxy_callback_on_every_node():
+    """Without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH on the nodes a plain `serve run` (a RayService) gives
+    plain-text errors and probes queued behind audio; with it but without the package, no proxy starts."""
+    import yaml
+
+    from ray_whisper.serve.proxy import CALLBACK, IMPORT_PATH
+
+    doc = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    package = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["runtime_env"]["pip"]["packages"][0]
+    for group in groups:
+        container = group["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get(CALLBACK) == IMPORT_PATH, container["name"]
+        assert container["command"] == [f"pip install --no-deps '{package}'"], container["name"]

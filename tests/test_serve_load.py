@@ -30,20 +30,12 @@ HELD, UPLOADS, UPLOAD_TIMEOUT_S = 2, 8, 10.0
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, bundled_model):
-    from ray import serve
-
-    from ray_whisper.config import ServeOptions
-    from ray_whisper.serve import build
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServeOptions(max_batch_size=2, batch_wait_timeout_s=0.1, max_queued_requests=HELD, max_uploads=UPLOADS,
-                           upload_timeout_s=UPLOAD_TIMEOUT_S)
-    serve.run(build(options=options), name="rw-load", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    yield url
-    serve.shutdown()
+def server(bundled_model, tmp_path_factory):
+    """`ray-whisper serve` as an operator runs it (its own local Ray, the proxy's probes and refusals), small."""
+    flags = ["--max-batch-size", "2", "--batch-wait-timeout-s", "0.1", "--max-queued-requests", str(HELD),
+             "--max-uploads", str(UPLOADS), "--upload-timeout-s", str(UPLOAD_TIMEOUT_S)]
+    with endpoint(tmp_path_factory.mktemp("load"), *flags) as (_, url, _):
+        yield url
 
 
 def post(url: str, timeout: float = 300) -> tuple[int, float, requests.Response]:
@@ -84,15 +76,17 @@ def test_overload_is_refused_fast_with_retry_after_and_health_answers_meanwhile(
         error = reply.json()["error"]
         assert elapsed < 2.0 and int(reply.headers["retry-after"]) >= 1  # 1 s, with room for this shared VM
         assert error["type"] == "server_error" and error["message"].startswith("at capacity")
+    print("refusals (s):", sorted(round(e, 3) for _, e, _ in refused))
     assert sorted(e for _, e, _ in refused)[len(refused) // 2] < 1.0  # the median refusal
     assert all(ev.wer([REFS["jfk.flac"]["text"]], [r.json()["text"]]) <= 0.05 for _, _, r in answered)
-    for route in ("/health", "/-/healthz"):
-        live = sorted(e for r, s, e in probes if r == route and s == 200)
-        assert len(live) == len([p for p in probes if p[0] == route]), probes  # liveness never failed
-        print(route, "p50 %.3f p95 %.3f max %.3f" % (live[len(live) // 2], live[int(0.95 * (len(live) - 1))], live[-1]))
-        # the proxy's own route is the liveness probe (< 100 ms); the replica's shares its GIL with the decoder
-        assert live[int(0.95 * (len(live) - 1))] < (0.1 if route == "/-/healthz" else 0.5), (route, live[-5:])
-    assert {s for route, s, _ in probes if route == "/ready"} <= {200, 503}
+    for route in ("/health", "/ready", "/-/healthz"):
+        answered = sorted(e for r, s, e in probes if r == route and s in ((200, 503) if route == "/ready" else (200,)))
+        assert len(answered) == len([p for p in probes if p[0] == route]), probes  # never failed, never hung
+        p50, p95 = answered[len(answered) // 2], answered[int(0.95 * (len(answered) - 1))]
+        print(route, "p50 %.3f p95 %.3f max %.3f" % (p50, p95, answered[-1]))
+        # all three answered by Serve's proxy, none behind audio: typically 1-5 ms; the bound on the slowest leaves
+        # room for a machine shared with other work (p95 0.23 s at a load average of 90 on 2 cores)
+        assert p50 < 0.1 and answered[-1] < 1.0, (route, answered[-5:])
 
 
 def test_the_openai_clients_retries_get_through_an_overloaded_replica(server):
@@ -151,6 +145,9 @@ def test_slow_uploads_time_out_and_do_not_block_a_normal_request(server):
         t.join(60)
     assert [c for c, _, _ in replies] == [b"408"] * (UPLOADS - 1), [(c, round(e, 1)) for c, e, _ in replies]
     assert all(UPLOAD_TIMEOUT_S - 1 < e < UPLOAD_TIMEOUT_S + 3 and b'"error"' in d for _, e, d in replies)
+    deadline = time.monotonic() + 5  # the figures are the replica's report, at most a fraction of a second old
+    while health(server)["uploads"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert health(server)["uploads"] == 0
 
 
@@ -229,7 +226,7 @@ def test_a_replica_killed_mid_request_answers_json_503_and_the_clients_retry_suc
     audio, _ = ev.build_long_speech(speech_clips, 60, seed=8)
     path = write_wav(tmp_path / "long.wav", audio)
     with endpoint(tmp_path) as (proc, url, log):
-        pid = health(url)["pid"]  # the replica's process, of this endpoint's own Ray
+        pid = health(url)["replicas"][0]["pid"]  # the replica's process, of this endpoint's own Ray
         results, clients = long_requests(url, path, 2)
         os.kill(pid, signal.SIGKILL)
         for t in clients:
@@ -239,7 +236,66 @@ def test_a_replica_killed_mid_request_answers_json_503_and_the_clients_retry_suc
             assert r.headers["retry-after"] and r.headers["content-type"] == "application/json"
             assert "stopped before it answered" in r.json()["error"]["message"]
             assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+        # while no replica is up, the probes say so at once (the proxy answers them, not Serve's router)
+        probe_until(url, lambda answers: answers["/ready"][0] == 503 and answers["/health"][0] == 503)
+        for route in ("/ready", "/health"):
+            dead = sorted(probe(url, route) for _ in range(5))
+            assert all(s == 503 and "no model replica is up" in b for s, _, b in dead), (route, dead)
+            times = sorted(e for _, e, _ in dead)
+            assert times[2] < 0.1 and times[-1] < 1.0, (route, times)  # the median, and none near hanging
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)  # its default retries
         text = client.audio.transcriptions.create(model="whisper-1", file=JFK.open("rb")).text
         assert ev.wer([REFS["jfk.flac"]["text"]], [text]) <= 0.05
-        assert health(url)["pid"] != pid
+        assert probe_until(url, lambda answers: answers["/ready"][0] == 200)["/health"][0] == 200
+        assert health(url)["replicas"][0]["pid"] != pid
+
+
+def probe(url: str, route: str) -> tuple[int, float, str]:
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(url + route, timeout=10) as r:
+            return r.status, time.monotonic() - started, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, time.monotonic() - started, e.read().decode()
+
+
+def probe_until(url: str, done, limit_s: float = 60) -> dict[str, tuple[int, float, str]]:
+    """/ready and /health probed every 0.2 s until `done` holds for their answers (bounded)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        answers = {route: probe(url, route) for route in ("/ready", "/health")}
+        if done(answers):
+            return answers
+        assert time.monotonic() < deadline, answers
+        time.sleep(0.2)
+
+
+def test_sigterm_while_the_model_loads_stops_what_was_started(tmp_path):
+    """Before serve.run returns, /ready says 503 (starting) at once; SIGTERM then takes Ctrl-C's path: Serve
+    and the local Ray stopped, one line saying so, exit 0, no traceback (Ray's own handler would kill it)."""
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "ray_whisper.cli", "serve", "--port", str(port)], env=env,
+                            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # Serve's proxy is up (serve.start) while the replica still loads the model
+            assert proc.poll() is None and "serving " not in log.read_text(), log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the proxy did not come up"
+            with contextlib.suppress(OSError):
+                status, elapsed, body = probe(url, "/ready")
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        output = log.read_text()
+        assert status == 503 and elapsed < 1.0 and "no model replica is up yet" in body, (status, elapsed, body)
+        assert "serving " not in output and "the endpoint stopped during its start-up" in output, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        with pytest.raises(OSError):  # nothing listens any more
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from . import health
 from .protocol import ApiError
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,10 @@ def drain(app: str, timeout_s: float) -> bool:
 
 
 def clear_drain(app: str) -> None:
-    """Forget a drain of `app`: an endpoint of the same name starting again must not refuse."""
+    """Forget a drain of `app`, and its earlier replicas' health reports: an endpoint of the same name starting
+    again must neither refuse nor report replicas that are gone."""
     from ray.experimental.internal_kv import _internal_kv_del
 
     _internal_kv_del(_key(app), del_by_prefix=True, namespace=NAMESPACE)
+    health.forget(app)
 

@@ -3,8 +3,9 @@
     ray-whisper serve --port 8000             # or: serve run ray_whisper.serve:app
     POST /v1/audio/transcriptions  (and /v1/audio/translations)   multipart: file, model, language, prompt,
          response_format (json, text, srt, vtt, verbose_json), temperature, timestamp_granularities[]
-    GET  /health (liveness, per replica), GET /ready (503 with the reason while this replica refuses work),
-    GET  /-/healthz (Serve's proxy: never reaches a replica)
+    GET  /health (each replica's figures), GET /ready (503 with the reason while no replica takes work):
+         answered by Serve's proxy from the replicas' reports (health.py), never queued behind audio
+    GET  /-/healthz (Serve's proxy alive: the liveness probe)
 
 A request's audio is decoded and cut into chunks by the batch job's own functions (io.audio, asr.chunking);
 its chunks join the chunks of every other request in flight in one queue (queue.BatchQueue), drained in
@@ -46,6 +47,7 @@ from ..errors import ConfigError, FileError
 from ..io.audio import decode_all
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..model.resources import auto_batch_size, model_actor_options, torch_threads
+from . import health as probes
 from .admission import Gate, clear_drain, default_held, drain, watch_drain
 from .protocol import ApiError, Fields, RequestId, read_fields, respond, schedule
 from .proxy import CALLBACK, IMPORT_PATH
@@ -55,7 +57,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Service", "app", "build", "clear_drain", "drain", "openai_errors_in_the_proxy", "replica_warning"]
 
 api = FastAPI(title="ray_whisper", description="Whisper on Ray Serve, compatible with OpenAI's audio API")
-CPU_THREADS_PER_REPLICA = 4  # fewer torch threads than this per CPU replica: one replica batches better
+# measured with benchmarks/serve.py --replicas 1|2 (docs/performance.md, "Replicas per node")
+REPLICA_RULE = ("on CPU one replica per node, with torch on all its cores: on 2 cores, 2 replicas of 1 thread "
+                "answered 0.51-0.84x the files/s of 1 replica of 2 threads (docs/performance.md)")
 
 
 @api.exception_handler(HTTPException)
@@ -110,29 +114,38 @@ class Service:
         self.started = time.time()
         self.app_name, self.replica = _replica_names()
         self._watch: asyncio.Task | None = None
+        # the probes' figures, published for Serve's proxy to answer from (inside Serve only)
+        self.reporter = probes.Reporter(self.app_name, self.replica, self.report) if self.app_name else None
+
+    def report(self) -> dict[str, Any]:
+        """This replica's figures since it started, and whether it takes new requests (health.py publishes it)."""
+        try:
+            retry = self._retry_after()
+        except RuntimeError:  # the batch times changed under a reporting thread: the next report has them
+            retry = 1.0
+        return {"model": self.model_name, "replica": self.replica, "pid": os.getpid(),
+                "up_s": round(time.time() - self.started, 1), "batches": self.batches, "chunks": self.chunks,
+                "recent_batch_sizes": list(self.recent), "max_batch_size": self.queue.max_batch_size,
+                "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "uploads": self.gate.reading,
+                "refused": self.gate.refused, "draining": self.gate.deadline is not None,
+                "unready": self.gate.unready(), "retry_after_s": retry, "time": time.time()}
 
     @api.get("/health")
-    async def health(self) -> dict[str, Any]:
-        """Liveness: answered by the replica's event loop, never behind audio; its figures are this replica's
-        since it started (`replica`, `up_s`)."""
+    async def health(self, request: Request) -> Response:
+        """This replica's figures, in the shape Serve's proxy answers for all of them (health.py); reached
+        only where the proxy does not answer the probes itself (`serve run` without proxy.CALLBACK set)."""
         self._watching()
-        mean = self.chunks / self.batches if self.batches else 0.0
-        return {"status": "ok", "model": self.model_name, "replica": self.replica, "pid": os.getpid(),
-                "up_s": round(time.time() - self.started, 1), "batches": self.batches, "chunks": self.chunks,
-                "mean_batch_size": round(mean, 2), "recent_batch_sizes": list(self.recent),
-                "max_batch_size": self.queue.max_batch_size,
-                "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "uploads": self.gate.reading,
-                "refused": self.gate.refused, "draining": self.gate.deadline is not None}
+        status, body = probes.health([self.report()], time.time())
+        return JSONResponse(body, status_code=status, headers=RequestId.of(request).headers())
 
     @api.get("/ready")
     async def ready(self, request: Request) -> Response:
         """Readiness: 200 while this replica takes new requests, else 503 with the reason."""
         self._watching()
-        reason = self.gate.unready()
-        if reason:
-            return ApiError(503, reason, None, "server_error", self._retry_after()).response(RequestId.of(request))
-        return JSONResponse({"status": "ready", "replica": self.replica, "held_requests": self.gate.held},
-                            headers=RequestId.of(request).headers())
+        status, body, retry = probes.ready([self.report()], time.time())
+        if status != 200:
+            return ApiError(503, body["reason"], None, "server_error", retry).response(RequestId.of(request))
+        return JSONResponse(body, headers=RequestId.of(request).headers())
 
     @api.post("/v1/audio/transcriptions")
     async def transcriptions(self, request: Request) -> Response:
@@ -251,6 +264,8 @@ class Service:
             for i, result in zip(picked, decoded):
                 out[i] = result
         self.seconds.append(time.monotonic() - started)
+        if self.reporter:  # published before the batch's requests are answered: their next /health counts them
+            await asyncio.to_thread(self.reporter.now)
         return out
 
 
@@ -314,20 +329,21 @@ def openai_errors_in_the_proxy() -> None:
 
 
 def replica_warning(replicas: int, gpus: float, node_cpus: list[float], cluster_gpus: float) -> str | None:
-    """Why `replicas` is more than this cluster can use, or None. On CPU a replica wants at least
-    CPU_THREADS_PER_REPLICA torch threads: below that, the replicas split the batches and the cores and
-    together decode slower than one replica with every core; on GPUs, one replica per GPU."""
+    """Why `replicas` is more than this cluster can use, or None. On CPU: one replica per node, running torch on
+    all its cores (REPLICA_RULE: a second replica on the same node splits its cores and its batches); on GPUs,
+    one replica per `gpus` share of the cluster's GPUs."""
     if gpus > 0:
         useful = int(cluster_gpus // gpus) if cluster_gpus else replicas
         rule = f"{gpus:g} GPU(s) per replica and {cluster_gpus:g} GPU(s) in the cluster"
     else:
-        useful = sum(max(1, int(c) // CPU_THREADS_PER_REPLICA) for c in node_cpus if c > 0) or 1
-        rule = (f"on CPU a replica needs {CPU_THREADS_PER_REPLICA} or more cores to itself, and the nodes have "
-                f"{', '.join(f'{c:g}' for c in node_cpus)} CPUs")
+        nodes = [c for c in node_cpus if c > 0]
+        useful = max(1, len(nodes))
+        rule = (f"{REPLICA_RULE}; the cluster has {len(nodes)} node(s) with CPUs "
+                f"({', '.join(f'{c:g}' for c in nodes)})")
     if replicas <= useful:
         return None
-    return (f"--min-replicas {replicas} is more than this cluster can use ({useful}: {rule}); the replicas would "
-            f"split the batches and the cores and answer slower than {useful}. Use --min-replicas {useful}.")
+    return (f"--min-replicas {replicas} is more than this cluster can use ({useful}: {rule}). Use --min-replicas "
+            f"{useful}{'' if gpus > 0 else ', or add nodes'}.")
 
 
 def app(args: dict[str, str] | None = None) -> Any:

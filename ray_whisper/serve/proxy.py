@@ -5,17 +5,28 @@ RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH (`ray-whisper serve` sets it before it
 For a replica lost mid-request the proxy sends nothing (the HTTP server would then say a plain 500): that
 becomes a 503 with Retry-After: the request did not fail, it was not finished, and
 clients (the `openai` SDK included) retry a 503. Responses of the app itself (JSON) pass untouched.
+
+The same middleware answers the probes (GET /health, GET /ready) from the replicas' reports (health.py), and
+refuses a new transcription at once, before its body is read or Serve routes it, while every live replica
+reports that it would refuse it (at capacity or draining): the replica itself stays the judge of the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+import uuid
 from typing import Any
 
 from starlette.middleware import Middleware
 
+from . import health
+
 CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 IMPORT_PATH = "ray_whisper.serve.proxy:middlewares"
+FRESH_S = 0.1  # the replicas' reports are read again after this long (at most one read at a time)
+WORK = ("/v1/audio/transcriptions", "/v1/audio/translations")
 
 
 def middlewares() -> list[Middleware]:
@@ -28,10 +39,16 @@ class OpenAIErrors:
 
     def __init__(self, app: Any):
         self.app = app
+        self.refused = 0  # new requests this proxy refused itself, added to /health's total
+        self._reports: list[dict] = []
+        self._read_at = 0.0
+        self._reading: asyncio.Future | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if await self._answered_here(scope, send):
             return
         start: dict | None = None
         body = b""
@@ -60,6 +77,59 @@ class OpenAIErrors:
             for out in openai_error({"status": 500, "headers": [(b"x-request-id", rid.encode())] if rid else []},
                                     "the replica was lost", rid):
                 await send(out)
+
+
+    async def _answered_here(self, scope: dict, send: Any) -> bool:
+        """The probes, and a refusal that every live replica would give; False: the request goes on to Serve."""
+        path, method = scope.get("path", ""), scope.get("method", "")
+        if not ((method == "GET" and path in ("/health", "/ready")) or (method == "POST" and path in WORK)):
+            return False
+        try:
+            reports, now = await self._replica_reports(), time.time()
+        except Exception:  # noqa: BLE001 - Ray's store unreachable: Serve and the replicas answer as before
+            return False
+        rid = request_id(scope) or f"req_{uuid.uuid4().hex[:20]}"
+        if path == "/health":
+            status, body = health.health(reports, now, self.refused)
+            await _send_json(send, status, body, rid)
+        elif path == "/ready":
+            status, body, retry = health.ready(reports, now)
+            if status != 200:
+                body = _error_body(body["reason"], rid)
+            await _send_json(send, status, body, rid, retry)
+        else:
+            refusal = health.refusal(reports, now)
+            if refusal is None:
+                return False
+            self.refused += 1
+            reason, retry = refusal
+            await _send_json(send, 503, _error_body(reason + "; retry after the Retry-After header's seconds", rid),
+                             rid, retry)
+        return True
+
+    async def _replica_reports(self) -> list[dict]:
+        """The replicas' reports, read at most every FRESH_S, one read at a time, off the proxy's event loop."""
+        if time.monotonic() - self._read_at < FRESH_S:
+            return self._reports
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(asyncio.to_thread(health.read_reports))
+        reports = await asyncio.shield(self._reading)
+        self._reports, self._read_at = reports, time.monotonic()
+        return reports
+
+
+def _error_body(message: str, rid: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": None, "request_id": rid}}
+
+
+async def _send_json(send: Any, status: int, body: dict, rid: str, retry_after_s: float | None = None) -> None:
+    payload = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+               (b"x-request-id", rid.encode())]
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(max(1, -(-int(retry_after_s * 1000) // 1000))).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 def request_id(scope: dict) -> str | None:
