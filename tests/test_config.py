@@ -49,6 +49,7 @@ NON_DEFAULT = {
     "overwrite": True,
     "dashboard": True,
     "allow_partial": True,
+    "flush_interval_s": 5.0,
     "s3_endpoint_url": "http://127.0.0.1:9000",
     "s3_region": "eu-west-1",
     "s3_profile": "other",
@@ -124,6 +125,8 @@ BAD = [
     ({"no_speech_threshold": 1.5}, "--no-speech-threshold"),
     ({"logprob_threshold": math.inf}, "--logprob-threshold"),
     ({"language": "en-US!"}, "--language"),
+    ({"flush_interval_s": 0}, "--flush-interval-s"),
+    ({"flush_interval_s": math.inf}, "--flush-interval-s"),
 ]
 
 

@@ -1,16 +1,21 @@
-"""The assemble stage: token rows of many files, in any order -> one output row per file, written to storage as
-soon as the file is complete.
+"""Assembly: token rows of many files, in any order -> one output row per file, written to storage as soon as the
+file is complete and a part is due.
 
-One actor sees every token row of the run (a pool of one), so it holds each file's chunks until the last one
-arrives, merges them (merge.py), and writes the files completed by each batch as one part (parts.py). What it
-returns to the driver is a receipt per row written: the run's progress, its summary, and its index. Nothing
-waits for the whole run: a run killed at any point has kept every file whose part was written.
+One Assembler sees every token row of the run, so it holds each file's chunks until the last one arrives and
+merges them (merge.py). In the batch job it runs on the driver (pipeline._collect), which feeds it the model
+stage's rows: completed files are written as one part (parts.py) when `flush_interval_s` has passed since the
+last part or `flush_chunks` token rows have come in, and whatever is finished at the end of the stream or at an
+interrupt. Its state (files waiting for a chunk) lives in the driver, the one process a run cannot lose without
+stopping, so no worker node holds anything a rerun would redo. It returns a receipt per row written: the run's
+progress, its summary, and its index. For a lazy Dataset (no writer: build_dataset, transcribe_dataset) it is a
+map_batches stage on a pool of one actor that returns the completed files' rows.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import time
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -68,47 +73,75 @@ def _decoded(batch: dict[str, Any], i: int) -> ChunkTranscript:
 
 
 class Assembler:
-    """map_batches callable for a pool of one actor: token rows in; output rows out (no `writer`), or, with a
-    `writer`, the completed files written as a part and one receipt per file out (schema.RECEIPT_SCHEMA)."""
+    """Token rows in; output rows out. Called as a map_batches callable (no `writer`), it returns the files each
+    batch completed. With a `writer` (the driver of the batch job), `add` token rows, and `flush` when `due`:
+    the completed files are written as one part and one receipt per file comes back (schema.RECEIPT_SCHEMA)."""
 
     def __init__(self, checkpoint: Checkpoint, model_name: str, fingerprint: str, writer: PartWriter | None = None,
-                 word_timestamps: bool = False, carry: bool = False):
+                 word_timestamps: bool = False, carry: bool = False, flush_interval_s: float = 30.0,
+                 flush_chunks: int = 64, clock: Callable[[], float] = time.monotonic):
         self.word_timestamps = word_timestamps
         self.schema = schema.CARRIED_OUTPUT_SCHEMA if carry else schema.OUTPUT_SCHEMA  # carry: transcribe_dataset
         self.checkpoint = checkpoint
         self.model_name = model_name
         self.fingerprint = fingerprint
         self.writer = writer
+        self.flush_interval_s = flush_interval_s
+        self.flush_chunks = flush_chunks
+        self.clock = clock
         self.pending: dict[str, dict[int, dict[str, Any]]] = {}  # file id -> chunk index -> token row
+        self.finished: list[dict[str, Any]] = []  # output rows not yet written
+        self.chunks = 0  # token rows in since the last part
+        self.last_part = clock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self.add(batch)
+        rows, self.finished = self.finished, []
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Take token rows (columns of equal length); the files they complete are merged into `finished`."""
         schema.require(batch, schema.ASSEMBLE_INPUT, "assemble")
-        for i in range(len(batch[schema.ID])):
+        n = len(batch[schema.ID])
+        for i in range(n):
             row = {name: batch[name][i] for name in schema.ASSEMBLE_INPUT + (schema.CARRY,) if name in batch}
             # keyed by chunk index: a chunk that arrives twice (a retried task) counts once
             self.pending.setdefault(str(row[schema.ID]), {})[int(row[schema.CHUNK_INDEX])] = row
-        rows = [self._merge(file_id) for file_id in [f for f, c in self.pending.items() if _complete(c)]]
-        if self.writer is None:
-            return pa.Table.from_pylist(rows, schema=self.schema)
-        return self._write(rows)
+        self.chunks += n
+        self.finished += [self._merge(file_id) for file_id in [f for f, c in self.pending.items() if _complete(c)]]
 
-    def _merge(self, file_id: str) -> dict[str, Any]:
-        chunks = list(self.pending.pop(file_id).values())
-        columns = {name: [c.get(name) for c in chunks] for name in schema.ASSEMBLE_INPUT + (schema.CARRY,)}
-        return file_row(columns, self.checkpoint, self.model_name, self.fingerprint, self.word_timestamps)
+    def wait_s(self) -> float:
+        """Seconds until a part is due by time (the flush interval when nothing is finished)."""
+        if not self.finished:
+            return self.flush_interval_s
+        return max(0.0, self.flush_interval_s - (self.clock() - self.last_part))
 
-    def _write(self, rows: list[dict[str, Any]]) -> pa.Table:
-        part, failed = None, None
+    def due(self) -> bool:
+        """Finished files are waiting, and the flush interval has passed or `flush_chunks` rows came in."""
+        return bool(self.finished) and (self.chunks >= self.flush_chunks or self.wait_s() <= 0)
+
+    def flush(self) -> pa.Table:
+        """Write the finished files as one part; their receipts (none when nothing was finished). A store that
+        refuses the part (disk full, quota, permissions) gives receipts with `write_error` set: the driver
+        stops the run and says why."""
+        rows, part, failed = self.finished, None, None
         if rows:
             try:
                 part = self.writer.write(rows)
-            except OSError as e:  # disk full, quota, permissions: the driver stops the run and says why
+            except OSError as e:
                 failed = f"{type(e).__name__}: {one_line(redact(str(e)))}"
+        # cleared once written (or refused): a write cut short by Ctrl-C leaves the rows for the next flush
+        self.finished, self.chunks, self.last_part = [], 0, self.clock()
         return pa.Table.from_pylist(
             [{schema.ID: r[schema.ID], schema.STATUS: r[schema.STATUS], schema.DURATION_S: r[schema.DURATION_S],
               schema.ERROR: r[schema.ERROR], schema.PART: part, schema.WRITE_ERROR: failed} for r in rows],
             schema=schema.RECEIPT_SCHEMA,
         )
+
+    def _merge(self, file_id: str) -> dict[str, Any]:
+        chunks = list(self.pending.pop(file_id).values())
+        columns = {name: [c.get(name) for c in chunks] for name in schema.ASSEMBLE_INPUT + (schema.CARRY,)}
+        return file_row(columns, self.checkpoint, self.model_name, self.fingerprint, self.word_timestamps)
 
 
 def _complete(chunks: dict[int, dict[str, Any]]) -> bool:

@@ -7,12 +7,15 @@ mistake fails in a second, before any worker starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import queue
+import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 
@@ -107,13 +110,12 @@ def manifest_rows(table: pa.Table, files_per_task: int) -> Any:
 def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None,
            carry: bool = False) -> Any:
     """A Dataset of manifest rows -> chunk rows -> token rows -> output rows (no writer; with `carry`, each
-    with the input's other columns pickled beside it) or receipts of written parts."""
-    import ray
+    with the input's other columns pickled beside it). With a writer (the batch job) it ends at the token rows:
+    the driver assembles them and writes the parts (_collect), on time as well as by count."""
     import ray.data
     from ray.util.debug import log_once
 
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    res = plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.checkpoint.config)
+    res = _plan(prepared, options)
     actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
     context = ray.data.DataContext.get_current()
     # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
@@ -152,15 +154,15 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
             max_restarts=-1,  # a dead model actor is replaced...
             max_task_retries=-1,  # ...and the batches it held are retried on the pool
         )
+        if writer is not None:
+            return tokens
         return tokens.map_batches(
             Assembler,
             fn_constructor_kwargs={
                 "checkpoint": prepared.checkpoint, "model_name": options.decoding.model,
-                "fingerprint": options.fingerprint(), "writer": writer,
+                "fingerprint": options.fingerprint(),
                 "word_timestamps": options.decoding.word_timestamps, "carry": carry,
             },
-            # the files completed by this many model batches are written together: fewer, larger parts, and
-            # what a killed run can lose beyond the files still being decoded (README: failure semantics)
             batch_size=ASSEMBLE_BATCHES * res.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),  # one actor sees every chunk of every file
@@ -168,6 +170,22 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
             max_restarts=-1,
             max_task_retries=-1,
         )
+
+
+def _plan(prepared: Prepared, options: TranscribeOptions) -> Any:
+    """The batch size and actor pool for the cluster at hand (resources.plan_resources)."""
+    import ray
+
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return plan_resources(options.resources, ray.cluster_resources(), node_cpus, prepared.checkpoint.config)
+
+
+def _assembler(prepared: Prepared, options: TranscribeOptions, writer: PartWriter) -> Assembler:
+    """The driver's Assembler for the batch job: a part at least every --flush-interval-s, and after every
+    ASSEMBLE_BATCHES model batches' chunks."""
+    return Assembler(prepared.checkpoint, options.decoding.model, options.fingerprint(), writer,
+                     word_timestamps=options.decoding.word_timestamps, flush_interval_s=options.run.flush_interval_s,
+                     flush_chunks=ASSEMBLE_BATCHES * _plan(prepared, options).batch_size)
 
 
 def transcribe(manifest: str, output: str, options: TranscribeOptions | None = None, **overrides: Any) -> Summary:
@@ -201,8 +219,10 @@ def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: Out
         try:
             with watching() as lost:
                 try:
-                    ds = _assembled(dataclasses.replace(prepared, manifest=todo), options, out.writer(run_id))
-                    receipts = _collect(ds, todo.num_rows, done.num_rows, output, lost)
+                    writer = out.writer(run_id)
+                    ds = _assembled(dataclasses.replace(prepared, manifest=todo), options, writer)
+                    receipts = _collect(ds, _assembler(prepared, options, writer), todo.num_rows, done.num_rows,
+                                        output, lost)
                 except BaseException as e:
                     if lost() and not isinstance(e, ClusterError):  # Ray's own error about its lost cluster
                         raise ClusterError(f"{lost()}; {RESUME}") from e
@@ -222,33 +242,104 @@ def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: Out
     return summary
 
 
-def _collect(ds: Any, total: int, earlier: int, output: str, lost: Any = lambda: None) -> pa.Table:
-    """Run the dataset, showing progress from its receipts; stop at the first part that could not be written.
-    A KeyboardInterrupt (Ctrl-C, SIGTERM, or cluster.watching() when `lost()` says the cluster went away)
-    stops it with a line saying what is saved and how to resume."""
+def _collect(ds: Any, assembler: Assembler, total: int, earlier: int, output: str,
+             lost: Any = lambda: None) -> pa.Table:
+    """Run the dataset of token rows through `assembler`, writing a part whenever one is due (also while the
+    model stage is busy: the rows come from a thread of their own) and the rest at the end; progress counts the
+    files as their part lands. The first part that could not be written stops the run (OutputError). A
+    KeyboardInterrupt (Ctrl-C, SIGTERM, or cluster.watching() when `lost()` says the cluster went away) writes
+    what is finished, then stops with a line saying what is saved and how to resume."""
     progress = Progress(total)
-    blocks = []
-    try:
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            failed = [e for e in block[schema.WRITE_ERROR].to_pylist() if e]
-            if failed:
-                saved = sum(b.num_rows for b in blocks)
-                raise OutputError(
-                    f"writing to {output} failed: {failed[0]}. The {saved} file(s) finished before are saved; "
-                    "free space (or fix the permissions) and rerun the same command to transcribe the rest"
-                )
-            blocks.append(block)
+    receipts: list[pa.Table] = []
+
+    def write() -> None:
+        block = assembler.flush()
+        failed = [e for e in block[schema.WRITE_ERROR].to_pylist() if e]
+        if failed:
+            raise OutputError(
+                f"writing to {output} failed: {failed[0]}. The {_saved(receipts)} file(s) finished before are "
+                "saved; free space (or fix the permissions) and rerun the same command to transcribe the rest"
+            )
+        if block.num_rows:
+            receipts.append(block)
             progress.update(block)
-    except KeyboardInterrupt:
-        saved = sum(b.num_rows for b in blocks)
-        kept = (f"at least {saved} of this run's {total} file(s) are saved in {output}"
-                + (f" (and {earlier} from earlier runs)" if earlier else ""))
-        if lost():
-            raise ClusterError(f"{lost()}: {kept}; rerun the same command once Ray is up to transcribe the rest") from None
-        raise Interrupted(f"interrupted: {kept}; rerun the same command to transcribe the rest") from None
+
+    try:
+        try:
+            for batch in _rows(ds, assembler.wait_s):
+                if batch is not None:
+                    assembler.add(batch)
+                if assembler.due():
+                    write()
+            write()  # the end of the stream: every finished file
+        except KeyboardInterrupt:
+            write()  # finished files are saved before the line says how many are
+            kept = (f"at least {_saved(receipts)} of this run's {total} file(s) are saved in {output}"
+                    + (f" (and {earlier} from earlier runs)" if earlier else ""))
+            if lost():
+                raise ClusterError(f"{lost()}: {kept}; rerun the same command once Ray is up to transcribe the rest") from None
+            raise Interrupted(f"interrupted: {kept}; rerun the same command to transcribe the rest") from None
+        except (OutputError, ClusterError, Interrupted):
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep what finished; the error that stopped the run is the one to show
+                write()
+            raise
     finally:
         progress.close()
-    return pa.concat_tables(blocks) if blocks else schema.RECEIPT_SCHEMA.empty_table()
+    return pa.concat_tables(receipts) if receipts else schema.RECEIPT_SCHEMA.empty_table()
+
+
+def _saved(receipts: list[pa.Table]) -> int:
+    return sum(r.num_rows for r in receipts)
+
+
+_END = object()
+
+
+def _rows(ds: Any, wait_s: Any) -> Iterator[dict[str, Any] | None]:
+    """`ds`'s blocks as numpy batches, or None whenever `wait_s()` seconds pass without one, so that the caller
+    can write on time while a model batch takes minutes. Ray Data is iterated in a thread of its own; the caller
+    keeps the main thread, where Ctrl-C and SIGTERM arrive."""
+    rows: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                rows.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            # no prefetch: Ray Data's would hold each block until the next one exists (a stalled model stage
+            # would keep the last finished files from the driver)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+                if not put(batch):
+                    return  # the caller stopped: leaving the loop closes the iterator and Ray Data's executor
+            put(_END)
+        except BaseException as e:  # raised again in the caller's thread
+            put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="ray_whisper-rows")
+    thread.start()
+    try:
+        while True:
+            try:
+                item = rows.get(timeout=max(0.05, wait_s()))
+            except queue.Empty:
+                yield None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _stop_local_ray() -> None:

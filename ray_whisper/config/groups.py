@@ -188,6 +188,14 @@ class RunOptions(_Group):
     allow_partial: bool = _opt(
         False, "Exit 0 even when some files failed (their rows say why). Default: exit 1 if any row is an error."
     )
+    flush_interval_s: float = _opt(
+        30.0, "Finished files are written to OUTPUT_DIR as a part at least this often, in seconds (and after "
+        "every 4 model batches): what a killed run loses beyond the files in flight is at most this much work.",
+    )
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.flush_interval_s) and self.flush_interval_s > 0,
+               "--flush-interval-s must be a number of seconds > 0")
 
 
 @dataclass(frozen=True)
