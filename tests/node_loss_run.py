@@ -1,16 +1,20 @@
-"""Run the CLI's transcribe on a 3-node local cluster, lose one worker node mid-run, bring the same capacity
+"""Run the CLI's transcribe on a 3-node local cluster, lose worker nodes mid-run, bring the same capacity
 back, and report what the run ended with.
 
-    python tests/node_loss_run.py MANIFEST OUTPUT_DIR REPORT_JSON decode|model|workers
+    python tests/node_loss_run.py MANIFEST OUTPUT_DIR REPORT_JSON LOSSES
+
+LOSSES: comma-separated steps, each the nodes lost together: `decode`, `model`, `decode+model`, or `workers`
+(every node but the head); `decode,model` loses the decode node, then the model node.
 
 Nodes as in tests/placement_run.py: a head that takes no work (CPU 0), a "decode" node (2 CPUs) and a
 "transcribe" node (1 CPU, 1 GPU declared, so the model actor lands there and decoding never does). Once the
-run's second part is in OUTPUT_DIR, the chosen node (or both worker nodes: `workers`) is removed without
-warning (its raylet and workers SIGKILLed, as a preempted spot node goes), and when the GCS has marked it
-dead a node with the same resources joins. The run itself is `ray_whisper.cli.main`, so the report holds its exit status.
+run's second part is in OUTPUT_DIR, the first step's nodes are removed without warning (raylet and workers
+SIGKILLed, as a preempted spot node goes), and when the GCS has marked them dead, nodes with the same
+resources join; the next step comes after the next part. The run itself is `ray_whisper.cli.main`, so the
+report holds its exit status.
 
 Run in its own process: it starts its own Ray (RAY_TMPDIR, set by the test, keeps its files and address away
-from other Rays). Ray's health check is shortened so that the dead node is noticed in ~2 s instead of ~15 s.
+from other Rays). Ray's health check is shortened so that a dead node is noticed in 1-2 s.
 """
 
 from __future__ import annotations
@@ -77,29 +81,33 @@ def main(manifest: str, output: str, report_path: str, lose: str) -> None:
         started = time.time()
         runner = threading.Thread(target=run, daemon=True)
         runner.start()
-        wait_for(lambda: len(parts(output)) >= AFTER_PARTS or not runner.is_alive(), 300, "the run's parts")
-        assert runner.is_alive(), f"the run ended before {AFTER_PARTS} parts were seen: {result}"
-        roles = {n["NodeID"]: n.get("Labels", {}).get("role", "?") for n in ray.nodes()}
-        actors = [{"class_name": a.class_name, "role": roles.get(a.node_id), "state": a.state}
-                  for a in list_actors(detail=True, limit=1000, **state_api)]
-        lost = list(NODES) if lose == "workers" else [lose]
-        before = parts(output)
-        loss = {"nodes": lost, "at_s": time.time() - started, "rows_before": rows_in(output, before),
-                "actors_before": actors}
-        for name in lost:
-            cluster.remove_node(nodes[name], allow_graceful=False)
-        gone = {nodes[name].node_id for name in lost}
-        wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in gone), 60,
-                 "the GCS to mark the node dead")
-        loss["dead_after_s"] = time.time() - started - loss["at_s"]
-        loss["run_alive_when_dead"] = runner.is_alive()
-        for name in lost:
-            cluster.add_node(**NODES[name])
-        loss["replaced_after_s"] = time.time() - started - loss["at_s"]
+        roles: dict[str, str] = {}
+        losses = []
+        for step, names in enumerate(lose.split(",")):
+            lost = list(NODES) if names == "workers" else names.split("+")
+            want = AFTER_PARTS + step  # one loss per part from the AFTER_PARTS-th on
+            wait_for(lambda want=want: len(parts(output)) >= want or not runner.is_alive(), 300, f"{want} parts")
+            assert runner.is_alive(), f"the run ended before {want} parts were seen: {result}"
+            roles |= {n["NodeID"]: n.get("Labels", {}).get("role", "?") for n in ray.nodes()}
+            actors = [{"class_name": a.class_name, "role": roles.get(a.node_id), "state": a.state}
+                      for a in list_actors(detail=True, limit=1000, **state_api) if a.state == "ALIVE"]
+            loss = {"nodes": lost, "at_s": time.time() - started, "rows_before": rows_in(output, parts(output)),
+                    "actors_before": actors}
+            for name in lost:
+                cluster.remove_node(nodes[name], allow_graceful=False)
+            gone = {nodes[name].node_id for name in lost}
+            wait_for(lambda gone=gone: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] in gone), 60,
+                     "the GCS to mark the node dead")
+            loss["dead_after_s"] = time.time() - started - loss["at_s"]
+            loss["run_alive_when_dead"] = runner.is_alive()
+            for name in lost:
+                nodes[name] = cluster.add_node(**NODES[name])
+            loss["replaced_after_s"] = time.time() - started - loss["at_s"]
+            losses.append(loss)
         runner.join(timeout=420)
         if runner.is_alive():
             raise TimeoutError("the run did not finish in 420 s after the node loss")
-        report = {**result, "loss": loss, "wall_s": time.time() - started, "parts": parts(output)}
+        report = {**result, "losses": losses, "wall_s": time.time() - started, "parts": parts(output)}
         with open(report_path, "w") as f:
             json.dump(report, f, indent=1, default=str)
     finally:
