@@ -212,6 +212,8 @@ def overload(clients: int, deadline_s: float, folder: Path, held: int | None, un
     serve.shutdown()
     return {"clients": clients, "wall_s": wall, "answered": len(answered), "goodput_files_per_s": len(answered) / wall,
             "refusals": len(refusals), "slowest_refusal_s": max(refusals, default=0.0), "failed": failed,
+            "refusal_p50_s": float(np.percentile(refusals, 50)) if refusals else None,
+            "refusal_p95_s": float(np.percentile(refusals, 95)) if refusals else None,
             "p50_s": float(np.percentile(answered, 50)) if answered else None,
             "p95_s": float(np.percentile(answered, 95)) if answered else None}
 
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = overload(args.overload, args.deadline_s, Path(tmp), args.max_queued_requests, args.unbounded)
         print(f"overload{' (unbounded)' if args.unbounded else ''}, {r['clients']} clients: {r['answered']} answered "
               f"in {r['wall_s']:.1f} s, goodput {r['goodput_files_per_s']:.2f} files/s; {r['refusals']} refusals "
-              f"(slowest {r['slowest_refusal_s']:.2f} s); "
+              f"(p50 {r['refusal_p50_s'] or 0:.2f} s, p95 {r['refusal_p95_s'] or 0:.2f} s, slowest {r['slowest_refusal_s']:.2f} s); "
               f"answered p50 {r['p50_s']:.1f} s, p95 {r['p95_s']:.1f} s (a full batch of 16: {batch:.1f} s); "
               f"failed {r['failed'] or 'none'}")
         r["full_batch_s"] = batch
