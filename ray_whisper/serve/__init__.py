@@ -1,20 +1,21 @@
 """The OpenAI-compatible endpoint on Ray Serve: `serve run ray_whisper.serve:app`.
 
-The app (and with it torch and the model code) loads on first use: Serve's proxy imports serve.proxy and
-serve.health alone, on nodes that may not have the model's dependencies."""
+Serve's proxy imports serve.proxy and serve.health on every node, some with Ray Serve only (no torch, no
+model code): there the app is not imported, and asking for it says what is missing."""
 
 from __future__ import annotations
 
 from typing import Any
 
+try:
+    from .app import app, build
+except ImportError as missing:  # a node with Ray Serve only: the proxy's modules need nothing more
+    _missing = missing
+
+    def __getattr__(name: str) -> Any:
+        if name in ("app", "build"):
+            raise ImportError(f"ray_whisper.serve.{name} needs the model's dependencies (pip install ray-whisper "
+                              f"with its dependencies): {_missing}") from _missing
+        raise AttributeError(name)
+
 __all__ = ["app", "build"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        import importlib
-
-        module = importlib.import_module(".app", __name__)  # which binds the name `app` here to the module:
-        globals().update(app=module.app, build=module.build)  # the function, as `from .app import app` did
-        return globals()[name]
-    raise AttributeError(name)
