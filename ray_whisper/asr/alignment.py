@@ -25,6 +25,7 @@ MEDIAN_WIDTH = 7  # frames of the median filter over the attention
 MAX_MEDIAN_WORD_S = 0.7  # the longest median word duration believed; a word may last twice the median
 PREPEND = "\"'“¿([{-"  # punctuation that belongs to the word after it
 APPEND = "\"'.。,，!！?？:：”)]}、"  # ... and to the word before it
+OPENING_SLACK_S = 0.5  # a segment's opening this much after its first word's start moves that start
 SENTENCE_END = ".。!！?？"
 UNSPACED = {"zh", "ja", "th", "lo", "my", "yue"}  # written without spaces: one word per character
 
@@ -116,12 +117,17 @@ def _attach_punctuation(words: list[Word]) -> list[Word]:
     return out
 
 
+def longest_word_s(words: Sequence[Word]) -> float:
+    """How long a word of this chunk may last: twice its median word (at most MAX_MEDIAN_WORD_S); 0 if none."""
+    durations = [w.end - w.start for w in words if w.end > w.start]
+    return 2 * min(MAX_MEDIAN_WORD_S, float(np.median(durations))) if durations else 0.0
+
+
 def _clamp_long_words(words: list[Word]) -> list[Word]:
     """A word that DTW stretched over a pause at a sentence boundary lasts at most twice the median word."""
-    durations = [w.end - w.start for w in words if w.end > w.start]
-    if not durations:
+    longest = longest_word_s(words)
+    if not longest:
         return words
-    longest = 2 * min(MAX_MEDIAN_WORD_S, float(np.median(durations)))
     out = list(words)
     for i in range(1, len(out)):
         w = out[i]
@@ -132,6 +138,22 @@ def _clamp_long_words(words: list[Word]) -> list[Word]:
         elif out[i - 1].word.strip() in SENTENCE_END:
             out[i] = Word(w.word, w.end - longest, w.end, w.probability, w.tokens)
     return out
+
+
+def open_segment(words: list[Word], opening: float, longest: float) -> list[Word]:
+    """A segment's words with its first word shortened to where it is spoken. The path through the attention
+    enters a word's row when the previous word ends, or at the chunk's start, so a word after a pause (or
+    after quiet noise) starts at the pause: it starts no earlier than the segment's `opening` (Whisper's timestamp,
+    or the sound found in the audio) where that falls inside it, and lasts at most `longest` (longest_word_s)."""
+    if not words:
+        return words
+    w = words[0]
+    start = w.start
+    if start + OPENING_SLACK_S < opening < w.end:
+        start = opening
+    if longest and w.end - start > longest:
+        start = w.end - longest
+    return [Word(w.word, start, w.end, w.probability, w.tokens)] + words[1:]
 
 
 def token_start_frames(attention: np.ndarray, duration: float) -> np.ndarray:

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..config import ChunkOptions
 from ..constants import SAMPLE_RATE
-from .chunking import ChunkGeometry, iter_chunks
-from .merge import ChunkTranscript, Segment, merge_file
+from .chunking import ChunkGeometry, is_silent, iter_chunks
+from .merge import NOTHING, ChunkTranscript, Segment, merge_file
 
 if TYPE_CHECKING:  # the engine imports torch; scoring and test material need none
     from .engine import Engine
@@ -87,12 +87,15 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> Path:
 def transcribe_in_memory(audio: np.ndarray, engine: Engine, chunks: ChunkOptions | None = None,
                          batch_size: int = 8) -> tuple[str, list[Segment]]:
     """One waveform through the batch job's own steps in this process: its chunks, the engine, the merge.
-    Returns (text, segments)."""
+    Silent chunks are not decoded, as in the batch job and the endpoint. Returns (text, segments)."""
     pieces = list(iter_chunks([audio], ChunkGeometry.of(chunks or ChunkOptions())))
-    results: list[ChunkTranscript] = []
-    for i in range(0, len(pieces), batch_size):
-        group = pieces[i : i + batch_size]
-        results += engine.transcribe(engine.features([a for _, a in group]), [None] * len(group),
-                                     [len(a) / SAMPLE_RATE for _, a in group])
+    audible = [k for k, (_, a) in enumerate(pieces) if not is_silent(a)]
+    decoded: list[ChunkTranscript] = []
+    for i in range(0, len(audible), batch_size):
+        group = [pieces[k][1] for k in audible[i : i + batch_size]]
+        decoded += engine.transcribe(engine.features(group), [None] * len(group), [len(a) / SAMPLE_RATE for a in group])
+    results = [NOTHING] * len(pieces)
+    for k, r in zip(audible, decoded):
+        results[k] = r
     transcript = merge_file([c for c, _ in pieces], results, engine.text)
     return transcript.text, transcript.segments

@@ -10,6 +10,7 @@ MIN_MATCH tokens, the splice falls back to the cut time, with token times estima
 from __future__ import annotations
 
 import math
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from .chunking import Chunk
 from .tokens import vote_language
 
 MIN_MATCH = 2  # a single shared token (" the") is too weak to align on
+NOT_WORDS = string.punctuation + string.whitespace + "。，、！？…¿¡“”«»"  # a segment of only these has no word
 
 
 @dataclass(frozen=True)
@@ -243,12 +245,13 @@ def _clip(t: float, chunk: ChunkResult) -> float:
 
 
 def to_text(segs: Sequence[TokenSegment], decode: Callable[[Sequence[int]], str]) -> tuple[str, list[Segment]]:
-    """Decode token segments into (full text, output segments); segments without words are dropped."""
+    """Decode token segments into (full text, output segments); segments without words are dropped: empty, or
+    only punctuation (". . . . .", which Whisper invents in low rumbling noise)."""
     out: list[Segment] = []
     pieces: list[str] = []
     for s in segs:
         text = decode(s.tokens)
-        if text.strip():
+        if text.strip(NOT_WORDS):
             pieces.append(text)
             out.append(Segment(s.start, s.end, text.strip(), s.language, s.words))
     return " ".join(" ".join(pieces).split()), out

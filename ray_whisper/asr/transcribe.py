@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .alignment import WordAligner
+from .alignment import WordAligner, longest_word_s, open_segment
 from ..config import DecodingOptions
 from ..constants import FRAMES_PER_S
 from .decoding import Decoded, Decoder
@@ -36,6 +36,9 @@ from .tokens import segments_from_tokens
 
 SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
 LOUD_FRAMES = 10  # 0.1 s: the mel frames averaged to tell sound from the chunk's floor
+ONSET_SLACK_S = 0.5  # a pass's first segment opening this much before the first sound in it opens at that sound
+ONSET_SHARE = 0.2  # a sound begins a fifth of the way up from the chunk's quietest 0.1 s to its loudest ...
+ONSET_RANGE = 0.25  # ... in a chunk whose loudest is this far above its quietest (log-mel units: 10 dB)
 
 
 def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str | None], durations: list[float],
@@ -55,6 +58,8 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
         hold = [None if end is None else end - SEEK_SLACK_S for end in ends]
     decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded, hold=hold)
     out = _seek(decoder, feats, durations, decoded, prompts, seeds, text_of)
+    for i, (row, duration) in enumerate(zip(out, durations)):
+        row.segments[:1] = _open_at_sound(feats[i], row.segments[:1], duration)
     if aligner is not None:
         _add_words(aligner, encoded, out, durations)
     return out
@@ -78,8 +83,9 @@ def _seek(decoder: Decoder, feats: np.ndarray, durations: list[float], decoded: 
             rows = [i for i, _ in again]
             second = _with_fallback(decoder, shifted, [out[i].language for i in rows], [prompts[i] for i in rows],
                                     [seeds[i] + 1 for i in rows], text_of, loops_only=True)
-        for (i, resume), d in zip(again, second):
+        for k, ((i, resume), d) in enumerate(zip(again, second)):
             extra = _transcript(decoder, d, durations[i] - resume).segments
+            extra[:1] = _open_at_sound(shifted[k], extra[:1], durations[i] - resume)
             out[i].segments += [(resume + s, resume + e, t) for s, e, t in extra]
     return out
 
@@ -111,9 +117,10 @@ def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], d
     for i, words in zip(rows, timed):
         chunk = out[i]
         firsts = np.cumsum([0] + [w.tokens for w in words])[:-1]  # each word's first token in the chunk's text
-        chunk.words, at = [], 0
+        chunk.words, at, longest = [], 0, longest_word_s(words)
         for start, end, tokens in chunk.segments:  # a word goes to the segment its first token is in
-            chunk.words.append([w for w, first in zip(words, firsts) if at <= first < at + len(tokens)])
+            own = [w for w, first in zip(words, firsts) if at <= first < at + len(tokens)]
+            chunk.words.append(open_segment(own, start, longest))
             at += len(tokens)
         chunk.segments = [(ws[0].start, ws[-1].end, tokens) if ws else (start, end, tokens)
                           for (start, end, tokens), ws in zip(chunk.segments, chunk.words)]
@@ -180,6 +187,36 @@ def _last_loud_frame(feats: np.ndarray, to_s: float) -> int | None:
     floor, loud = float(level.min()), float(np.percentile(level, 90))
     above = np.flatnonzero(smooth > floor + 0.5 * (loud - floor))
     return int(above[-1]) if above.size else None
+
+
+def _open_at_sound(feats: np.ndarray, first: list[tuple[float, float, list[int]]],
+                   duration: float) -> list[tuple[float, float, list[int]]]:
+    """A decoding pass's first segment (a list of at most one), opened where its sound begins: Whisper must
+    open a window's first segment within its first second (decoding.TimestampRules), and after a long stretch
+    of quiet noise it does so at 0.00, seconds before the speech."""
+    if not first:
+        return first
+    start, end, tokens = first[0]
+    onset = _first_sound_s(feats, start, end, duration)
+    if onset is not None and onset - start > ONSET_SLACK_S:
+        start = onset
+    return [(start, end, tokens)]
+
+
+def _first_sound_s(feats: np.ndarray, from_s: float, to_s: float, duration: float) -> float | None:
+    """When the first sound between two times begins, in seconds: the first 0.1 s whose mean level is
+    ONSET_SHARE of the way up from the chunk's quietest 0.1 s to its loudest; None where there is none, or
+    where the chunk's levels span too little to tell sound from its floor."""
+    level = feats.mean(axis=0)[: int(duration * FRAMES_PER_S)]
+    if level.size < LOUD_FRAMES:
+        return None
+    smooth = np.convolve(level, np.full(LOUD_FRAMES, 1 / LOUD_FRAMES), mode="valid")
+    floor, loud = float(smooth.min()), float(smooth.max())
+    if loud - floor < ONSET_RANGE:
+        return None
+    lo, hi = int(from_s * FRAMES_PER_S), int(to_s * FRAMES_PER_S)
+    above = np.flatnonzero(smooth[lo:hi] > floor + ONSET_SHARE * (loud - floor))
+    return (lo + int(above[0])) / FRAMES_PER_S if above.size else None
 
 
 def _shift(feats: np.ndarray, from_s: float) -> np.ndarray:
