@@ -340,6 +340,11 @@ def _rows(ds: Any, wait_s: Any) -> Iterator[dict[str, Any] | None]:
             yield item
     finally:
         stop.set()
+        # a run that stops early: end Ray Data's executor now (its own shutdown; private in Ray 2.60), or the
+        # thread would go on reading, and connect again to print Ray's lines, while the driver exits
+        with contextlib.suppress(Exception):
+            getattr(ds, "_synchronize_progress_bar", lambda: None)()
+        thread.join(timeout=10)
 
 
 def _stop_local_ray() -> None:
