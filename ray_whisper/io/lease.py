@@ -95,26 +95,35 @@ class Lease:
         record = {"tool": "ray_whisper", "run_id": run_id, **_identity(), "started": _iso(now),
                   "heartbeat": _iso(now), "heartbeat_s": heartbeat_s, "expiry_s": expiry_s,
                   "token": secrets.token_hex(8)}
+        try:
+            tag = cls._take(store, uri, record)
+        except OSError as e:  # the store refuses (permissions, no conditional writes, a lock that times out)
+            raise OutputError(f"could not take the lease of {uri}: {storage.describe_error(e, uri)}") from e
+        lease = cls(store, uri, record, tag)
+        lease._thread.start()
+        return lease
+
+    @staticmethod
+    def _take(store: Any, uri: str, record: dict[str, Any]) -> str:
+        """Write `record` as the lease: created, or over a dead one; its version tag."""
         for _ in range(5):  # a lease that changes between the read and the write is read again
             tag = store.create(_encode(record))
             if tag is not None:
-                break
+                return tag
             seen = store.read()
             if seen is None:
                 continue  # released between our create and our read
+            if seen.record.get("token") == record["token"]:
+                return seen.tag  # our own create, retried by the client after its answer was lost
             why = _dead(seen)
             if not why:
                 raise OutputBusyError(busy_message(uri, seen))
             tag = store.replace(_encode(record), seen.tag)
             if tag is not None:
                 log.warning("took over the lease of %s from run %s (%s)", uri, seen.record.get("run_id", "?"), why)
-                break
-        else:
-            raise OutputBusyError(f"{uri}: the lease kept changing under five attempts to take it; another run is "
-                                  "starting there: wait for it, or give another OUTPUT_DIR")
-        lease = cls(store, uri, record, tag)
-        lease._thread.start()
-        return lease
+                return tag
+        raise OutputBusyError(f"{uri}: the lease kept changing under five attempts to take it; another run is "
+                              "starting there: wait for it, or give another OUTPUT_DIR")
 
     def _beat(self) -> None:
         interval = float(self.record["heartbeat_s"])
@@ -132,8 +141,12 @@ class Lease:
         record = {**self.record, "heartbeat": _iso(time.time())}
         tag = self.store.replace(_encode(record), self.tag)
         if tag is None:
-            self.lost = f"this run lost the lease of {self.uri}: {_holder_now(self.store.read())}"
-            return
+            seen = self.store.read()
+            if seen is not None and seen.record.get("token") == record["token"]:
+                tag = seen.tag  # our own write, retried by the client after its answer was lost
+            else:
+                self.lost = f"this run lost the lease of {self.uri}: {_holder_now(seen)}"
+                return
         self.record, self.tag = record, tag
 
     def confirm(self) -> None:
@@ -150,7 +163,7 @@ class Lease:
         """Stop the heartbeat and delete the lease if it is still ours; never raises (a lease left behind expires)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(timeout=float(self.record["heartbeat_s"]))  # a renew stuck in a store's retries
         if self.lost:
             return
         try:
