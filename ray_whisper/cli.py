@@ -209,7 +209,8 @@ def _stop_serving(local: bool, note: str) -> None:
         else:  # other Serve apps of the cluster stay
             with contextlib.suppress(Exception):  # not deployed yet: nothing to delete
                 serve.delete("ray_whisper")
-            clear_drain("ray_whisper")
+            with contextlib.suppress(Exception):  # Ray's KV gone with the cluster: nothing to clear
+                clear_drain("ray_whisper")
     print(f"ray-whisper: the endpoint stopped{note}", file=sys.stderr, flush=True)
 
 

@@ -91,7 +91,8 @@ def build_dataset(manifest: str | Prepared, options: TranscribeOptions | None = 
 
 
 def _assembled(prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None) -> Any:
-    """The manifest's rows -> output rows (no writer) or receipts of written parts."""
+    """The manifest's rows -> output rows (no writer), or the model stage's token rows, which the driver
+    assembles and writes (with a writer: _collect)."""
     return stages(manifest_rows(prepared.manifest, options.resources.files_per_task), prepared, options, writer)
 
 
