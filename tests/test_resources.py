@@ -133,10 +133,12 @@ def test_the_gpu_sizing_table_is_computed_with_the_automatic_batch_size():
     assert all(f"| {name} |" in table for name in sizes)
 
 
-def test_the_readme_shows_the_computed_gpu_sizing_table():
+def test_the_docs_show_the_computed_gpu_sizing_table():
     from pathlib import Path
 
     from ray_whisper.model.resources import gpu_sizing_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert gpu_sizing_table() in readme and "not measured" in readme
+    root = Path(__file__).resolve().parents[1]
+    features, readme = (root / "docs/features.md").read_text(), (root / "README.md").read_text()
+    assert gpu_sizing_table() in features and "not measured" in features
+    assert "docs/features.md#gpu-sizing" in readme and "not measured" in readme
