@@ -133,7 +133,12 @@ def trickle(port: int, seconds: float, replies: list) -> None:
 
 def test_slow_uploads_time_out_and_do_not_block_a_normal_request(server):
     port = int(server.rsplit(":", 1)[1])
-    unloaded = min(post(server)[1] for _ in range(3))  # the best of 3: other work on this VM only adds
+    answered: list[float] = []  # the best of 3 answered: other work on this VM only adds (a refusal, while the
+    deadline = time.monotonic() + 120  # replica's report still says the last test's load, is no latency)
+    while len(answered) < 3 and time.monotonic() < deadline:
+        status, elapsed, _ = post(server)
+        answered.append(elapsed) if status == 200 else time.sleep(0.5)
+    unloaded = min(answered)
     replies: list = []
     slow = [threading.Thread(target=trickle, args=(port, 30, replies)) for _ in range(UPLOADS - 1)]
     for t in slow:

@@ -199,15 +199,16 @@ def transcribe(manifest: str, output: str, options: TranscribeOptions | None = N
     options = (options or TranscribeOptions()).replace(**overrides)
     out = OutputDir.open(output, options.storage.resolved())
     run_id = new_run_id()
+    # the manifest and model are checked first: a bad one is named before any lease is taken
+    prepared = dataclasses.replace(prepare(manifest, options, out), account_key=run_id)
     with out.held(run_id):  # one writer at a time: another run on `output` stops at once, exit 2 (io/lease.py)
-        return _transcribe(manifest, output, options, out, run_id, started)
+        return _transcribe(prepared, output, options, out, run_id, started)
 
 
-def _transcribe(manifest: str, output: str, options: TranscribeOptions, out: OutputDir, run_id: str,
+def _transcribe(prepared: Prepared, output: str, options: TranscribeOptions, out: OutputDir, run_id: str,
                 started: float) -> Summary:
     """transcribe() while it holds `out`'s lease."""
     moments = {"started": time.time() - (time.perf_counter() - started)}  # the run's phases (batch.account)
-    prepared = dataclasses.replace(prepare(manifest, options, out), account_key=run_id)
     todo, done = out.begin(prepared.manifest, options.fingerprint(), overwrite=options.run.overwrite,
                            retry_errors=options.run.retry_errors)
     moments["prepared"] = time.time()
@@ -267,7 +268,7 @@ def _collect(ds: Any, assembler: Assembler, total: int, earlier: int, output: st
 
     try:
         try:
-            for batch in _rows(ds, assembler.wait_s):
+            for batch in _rows(ds, assembler.wait_s, lost):
                 if batch is not None:
                     assembler.add(batch)
                 if assembler.due():
@@ -298,10 +299,11 @@ def _saved(receipts: list[pa.Table]) -> int:
 _END = object()
 
 
-def _rows(ds: Any, wait_s: Any) -> Iterator[dict[str, Any] | None]:
+def _rows(ds: Any, wait_s: Any, lost: Any = lambda: None) -> Iterator[dict[str, Any] | None]:
     """`ds`'s blocks as numpy batches, or None whenever `wait_s()` seconds pass without one, so that the caller
     can write on time while a model batch takes minutes. Ray Data is iterated in a thread of its own; the caller
-    keeps the main thread, where Ctrl-C and SIGTERM arrive."""
+    keeps the main thread, where Ctrl-C and SIGTERM arrive. When `lost()` says the cluster is gone, the thread is
+    not waited for (it is stuck in calls to the dead cluster; it ends with the process)."""
     rows: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
@@ -343,9 +345,10 @@ def _rows(ds: Any, wait_s: Any) -> Iterator[dict[str, Any] | None]:
         stop.set()
         # a run that stops early: end Ray Data's executor now (its own shutdown; private in Ray 2.60), or the
         # thread would go on reading, and connect again to print Ray's lines, while the driver exits
-        with contextlib.suppress(Exception):
-            getattr(ds, "_synchronize_progress_bar", lambda: None)()
-        thread.join(timeout=10)
+        if not lost():  # (no `return` here: it would swallow the KeyboardInterrupt that may be passing through)
+            with contextlib.suppress(Exception):
+                getattr(ds, "_synchronize_progress_bar", lambda: None)()
+            thread.join(timeout=10)
 
 
 def _stop_local_ray() -> None:
