@@ -14,6 +14,21 @@ from ray_whisper.asr.evaluation import write_wav  # noqa: F401 - the tests impor
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "refs.json").read_text())
 
+def starlette_request(prepared):
+    """A Starlette Request for the endpoint's handler, from a `requests` PreparedRequest (its body read once):
+    the app's code path without Serve in front."""
+    from starlette.requests import Request
+
+    body = [prepared.body]
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body.pop() if body else b"", "more_body": False}
+
+    headers = [(k.lower().encode(), v.encode()) for k, v in prepared.headers.items()]
+    return Request({"type": "http", "method": "POST", "path": prepared.path_url, "headers": headers,
+                    "query_string": b""}, receive)
+
+
 # Ray's workers must not fight pytest's process for the 2 cores with extra threads.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

@@ -23,7 +23,7 @@ import requests
 from ray_whisper.asr import evaluation as ev
 from ray_whisper.config import ChunkOptions, DecodingOptions, ServeOptions
 
-from conftest import DATA, REFS, write_wav
+from conftest import DATA, REFS, starlette_request, write_wav
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,14 +238,7 @@ def test_a_model_failure_is_a_500_with_the_request_id_and_the_replica_goes_on(bu
                                 data={"model": "whisper-1"}).prepare()
 
     def request() -> Request:
-        body = [prepared.body]
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body.pop() if body else b"", "more_body": False}
-
-        headers = [(k.lower().encode(), v.encode()) for k, v in prepared.headers.items()]
-        return Request({"type": "http", "method": "POST", "path": "/v1/audio/transcriptions", "headers": headers,
-                        "query_string": b""}, receive)
+        return starlette_request(prepared)
 
     def broken(**changes):
         raise RuntimeError("CUDA error: out of memory")

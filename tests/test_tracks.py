@@ -25,7 +25,7 @@ from ray_whisper.errors import DecodeError, TruncatedError
 from ray_whisper.io.audio import decode_all, decode_stream
 
 from audio_helpers import aligned_correlation, encode
-from conftest import DATA, REFS
+from conftest import DATA, REFS, starlette_request
 
 EXTRA_0 = "extra_tracks: transcribed audio track 0 of 2 (--audio-track N picks another), not 1 (spa)"
 SILENT_0 = "silent_track: audio track 0 is silent (nothing above -60 dBFS) but track 1 has sound: --audio-track 1 transcribes it"
@@ -208,14 +208,7 @@ def test_the_endpoint_decodes_its_audio_track_and_names_the_others_in_a_header(f
                                 files={"file": ("two.mp4", files["silent_first"].read_bytes())}).prepare()
 
     def request() -> Request:
-        body = [prepared.body]
-
-        async def receive() -> dict:
-            return {"type": "http.request", "body": body.pop() if body else b"", "more_body": False}
-
-        headers = [(k.lower().encode(), v.encode()) for k, v in prepared.headers.items()]
-        return Request({"type": "http", "method": "POST", "path": "/v1/audio/transcriptions", "headers": headers,
-                        "query_string": b""}, receive)
+        return starlette_request(prepared)
 
     def answer(track: int | None):
         service = Service(bundled_model, "m", DecodingOptions(), ChunkOptions(audio_track=track), ServeOptions())
