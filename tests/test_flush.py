@@ -176,6 +176,8 @@ class Gate:
 
     def __init__(self, names: list[str]):
         self.released = {name: threading.Event() for name in names}
+        self.requests: list[str] = []  # "f1.flac GET at 7.2 s", for the message of a test that stalls
+        started = time.monotonic()
         gate = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -183,6 +185,7 @@ class Gate:
                 pass
 
             def _answer(self, body: bool) -> None:
+                gate.requests.append(f"{self.path.lstrip('/')} {self.command} at {time.monotonic() - started:.1f} s")
                 if not gate.released[self.path.lstrip("/")].wait(900):
                     return
                 start, end = 0, len(JFK) - 1
@@ -214,6 +217,17 @@ class Gate:
         port = self.server.server_address[1]
         path.write_text("id,audio\n" + "".join(f"{n.split('.')[0]},http://127.0.0.1:{port}/{n}\n" for n in self.released))
         return path
+
+
+def stalled(gate: Gate, result: dict) -> str:
+    """What a gated run that stopped moving was doing: the gate's requests, the run's outcome so far, and what
+    holds the shared Ray's CPUs."""
+    import ray
+    from ray._private.state import state
+
+    actors = [(a["ActorClassName"], a["State"]) for a in state.actor_table(None).values() if a["State"] != "DEAD"]
+    return (f"requests: {gate.requests}; run: {result}; free: {ray.available_resources().get('CPU')} of "
+            f"{ray.cluster_resources().get('CPU')} CPU; live actors: {actors}")
 
 
 @contextmanager
@@ -327,11 +341,11 @@ def test_with_a_short_flush_interval_each_file_reaches_storage_while_the_run_goe
         try:
             for k, name in enumerate(gate.released):
                 gate.release(name)
-                wait_s = 900 if k == 0 else 300  # the first waits for the model to load as well
+                wait_s = 300 if k == 0 else 120  # the first waits for the model to load as well
                 deadline = time.monotonic() + wait_s
                 while stored(out) <= k and thread.is_alive() and time.monotonic() < deadline:
                     time.sleep(0.2)
-                assert stored(out) == k + 1, f"file {k + 1} of 4 not on storage after {wait_s} s: {result}"
+                assert stored(out) == k + 1, f"file {k + 1} of 4 not on storage after {wait_s} s: {stalled(gate, result)}"
                 assert k == 3 or not (out / SUCCESS).exists()
         finally:
             gate.release(*gate.released)
