@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ray_whisper.asr.alignment import open_segment
+from ray_whisper.asr.alignment import WordAligner, lengthen_instant_words, open_segment, token_start_frames
 from ray_whisper.asr.merge import TokenSegment, Word, to_text
-from ray_whisper.constants import SAMPLE_RATE
+from ray_whisper.constants import SAMPLE_RATE, SECONDS_PER_TOKEN
 
 from conftest import DATA
 
@@ -100,3 +100,36 @@ def test_segments_of_only_punctuation_are_dropped():
     text, segments = to_text([TokenSegment(0.0, 1.0, (1, 1, 4)), TokenSegment(1.0, 2.0, (2, 3)),
                               TokenSegment(2.0, 3.0, (5,))], lambda ids: "".join(decode(i) for i in ids))
     assert text == "Hello world." and [s.start for s in segments] == [1.0]
+
+
+def test_words_the_path_crosses_in_one_frame_get_time():
+    """Cross-attention whose last words point past the chunk's audio (as a sentence said a second time can):
+    the path runs straight down through their rows, and each still gets time, in order, inside the chunk."""
+    peaks = [5, 15, 25, 35, 60, 60, 60, 61]  # frames the 7 tokens and the end of text attend to; audio: 50 frames
+    attention = np.random.default_rng(0).random((2, len(peaks), 1500)).astype(np.float32) * 0.01
+    for row, frame in enumerate(peaks):
+        attention[:, row, frame - 1 : frame + 2] += 1.0
+    duration = 50 * SECONDS_PER_TOKEN
+    starts = token_start_frames(attention, duration)
+    assert len(set(starts)) < len(starts)  # the path enters some rows in the same frame: instant words
+    aligner = WordAligner.__new__(WordAligner)  # only its word grouping is used: no model
+    vocab = dict(enumerate([" ask", " not", " what", " your", " country", " can", " do"], start=1))
+    aligner.decode = lambda ids: "".join(vocab[i] for i in ids)
+    words = aligner._words(attention, list(vocab), np.ones(len(vocab)), "en", duration)
+    assert [w.word for w in words] == list(vocab.values())
+    assert all(w.end > w.start for w in words), words
+    assert all(a.end <= b.start + 1e-9 for a, b in zip(words, words[1:])) and words[-1].end <= duration + 1e-9
+
+
+def test_an_instant_word_takes_the_pause_after_it_or_shares_a_neighbours_span():
+    def w(text, start, end, tokens=1):
+        return Word(text, start, end, 0.9, tokens)
+
+    spoken = [w(" a", 0.0, 0.4), w(" b", 0.4, 0.8)]  # typical word: 0.4 s
+    paused = lengthen_instant_words(spoken + [w(" c", 0.8, 0.8), w(" d", 0.8, 0.8), w(" e", 5.0, 5.4)], 6.0)
+    assert [(x.start, x.end) for x in paused[2:4]] == [(0.8, pytest.approx(1.2)), (pytest.approx(1.2), pytest.approx(1.6))]
+    shared = lengthen_instant_words(spoken + [w(" c", 0.8, 0.8), w(" d", 0.8, 1.4, tokens=2)], 6.0)
+    assert [(x.start, x.end) for x in shared[2:]] == [(0.8, pytest.approx(1.0)), (pytest.approx(1.0), 1.4)]
+    at_end = lengthen_instant_words(spoken + [w(" c", 0.8, 0.8)], 0.8)
+    assert [(x.start, x.end) for x in at_end[1:]] == [(0.4, pytest.approx(0.6)), (pytest.approx(0.6), 0.8)]
+    assert lengthen_instant_words([w(" a", 0.0, 0.0)], 0.0) == [w(" a", 0.0, 0.0)]  # no audio: nothing to give

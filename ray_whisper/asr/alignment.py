@@ -140,6 +140,46 @@ def _clamp_long_words(words: list[Word]) -> list[Word]:
     return out
 
 
+def _spread(words: list[Word], start: float, end: float) -> list[Word]:
+    """`words` laid end to end over [start, end], each its share by tokens."""
+    total = sum(max(w.tokens, 1) for w in words)
+    out, at, done = [], start, 0
+    for w in words:
+        done += max(w.tokens, 1)
+        until = start + (end - start) * done / total
+        out.append(Word(w.word, at, until, w.probability, w.tokens))
+        at = until
+    return out
+
+
+def lengthen_instant_words(words: list[Word], duration: float) -> list[Word]:
+    """Words the path crossed within one frame (start == end) get time. A sentence said twice can pull the
+    attention of its second saying back onto the first, and the path then runs straight down through the
+    repeated words' rows. A run of such words takes the pause after it (each at most a typical word, half of
+    longest_word_s); with no pause there, it shares the next word's span by tokens, or the previous word's at
+    the chunk's end. Words are left alone where nothing around them has time (audio of no length)."""
+    out = list(words)
+    typical = longest_word_s(out) / 2 or 0.3
+    i = 0
+    while i < len(out):
+        if out[i].end - out[i].start >= SECONDS_PER_TOKEN:
+            i += 1
+            continue
+        j = i + 1  # the run is out[i:j]
+        while j < len(out) and out[j].end - out[j].start < SECONDS_PER_TOKEN:
+            j += 1
+        at = out[i].start
+        room = (out[j].start if j < len(out) else duration) - at
+        if room >= SECONDS_PER_TOKEN * (j - i):
+            out[i:j] = _spread(out[i:j], at, at + min(room, typical * (j - i)))
+        elif j < len(out) and out[j].end > at:
+            out[i:j + 1] = _spread(out[i:j + 1], at, out[j].end)
+        elif i > 0 and at > out[i - 1].start:
+            out[i - 1:j] = _spread(out[i - 1:j], out[i - 1].start, max(at, out[i - 1].end))
+        i = j
+    return out
+
+
 def open_segment(words: list[Word], opening: float, longest: float) -> list[Word]:
     """A segment's words with its first word shortened to where it is spoken. The path through the attention
     enters a word's row when the previous word ends, or at the chunk's start, so a word after a pause (or
@@ -208,4 +248,4 @@ class WordAligner:
             end = at + len(run)
             words.append(Word(word, float(times[at]), float(times[end]), float(probs[at:end].mean()), len(run)))
             at = end
-        return _attach_punctuation(_clamp_long_words(words))
+        return lengthen_instant_words(_attach_punctuation(_clamp_long_words(words)), duration)
