@@ -242,9 +242,15 @@ def test_two_runs_started_together_one_transcribes_the_other_exits_2_with_one_li
     env = {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     procs = [start_cli(manifest, out, env), start_cli(manifest, out, env)]
     results = []
-    for proc in procs:
-        err = proc.stderr.read()
-        results.append((proc.wait(timeout=600), err))
+    try:
+        for proc in procs:  # bounded: two runs that both go ahead can hold each other's CPUs for good
+            _, err = proc.communicate(timeout=300)
+            results.append((proc.returncode, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail("two runs on one OUTPUT_DIR were both still going after 300 s: neither was refused")
+    finally:
+        for proc in procs:
+            kill(proc)
     assert sorted(rc for rc, _ in results) == [0, 2], results
     (err,) = [err for rc, err in results if rc == 2]
     assert len(err.strip().splitlines()) == 1, err
