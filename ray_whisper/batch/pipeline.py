@@ -105,7 +105,22 @@ def manifest_rows(table: pa.Table, files_per_task: int) -> Any:
 
     size = files_per_task * SOURCE_BLOCK_TASKS
     blocks = [table.slice(i, size) for i in range(0, table.num_rows, size)]
-    return ray.data.from_arrow(blocks).repartition(target_num_rows_per_block=files_per_task, strict=True)
+    return _reblock(ray.data.from_arrow(blocks), files_per_task)
+
+
+def _reblock(ds: Any, rows: int) -> Any:
+    """`ds` in blocks of exactly `rows` rows (a strict streaming repartition), whose tasks reserve no CPU.
+    Ray Data gives a task 1 CPU unless told otherwise, and Dataset.repartition takes no resources: with every
+    CPU held by the model actors and by decode tasks, some of them waiting on a slow server, the re-blocking
+    of chunks already decoded would queue behind those fetches, and the model would idle until they end (on a
+    2-CPU node with one model actor, one fetch that waits stops the run). Cutting and joining Arrow tables is
+    light, so these tasks run beside the others. The resources are set on the plan's operator (private in
+    Ray 2.60; where it is missing the tasks keep Ray Data's default)."""
+    out = ds.repartition(target_num_rows_per_block=rows, strict=True)
+    remote_args = getattr(getattr(getattr(out, "_logical_plan", None), "dag", None), "ray_remote_args", None)
+    if isinstance(remote_args, dict):
+        remote_args["num_cpus"] = 0
+    return out
 
 
 def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: PartWriter | None,
@@ -139,7 +154,7 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
         )
         # whole batches: chunks arrive in blocks of one decode task's files (1 to ~40 chunks); cut and joined
         # into blocks of exactly one batch, the model never runs a ragged batch of 2 where 16 fit
-        chunks = chunks.repartition(target_num_rows_per_block=res.batch_size, strict=True)
+        chunks = _reblock(chunks, res.batch_size)
         tokens = chunks.map_batches(
             ModelStage,
             fn_constructor_kwargs={
