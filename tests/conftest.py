@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,19 @@ def pytest_configure(config):
     os.environ["AWS_SECRET_ACCESS_KEY"] = "moto-test-secret-" + secrets.token_hex(12)
     os.environ["AWS_DEFAULT_REGION"] = os.environ["AWS_REGION"] = "us-east-1"
     os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found(request):
+    """Each test gets Ctrl-C's handler as the one before it found it: a test that left it changed (ignored, or
+    a handler of the code under test) would make a later test's Ctrl-C do nothing. Put back, with a warning
+    naming the test in the run's summary."""
+    found = signal.getsignal(signal.SIGINT)
+    yield
+    left = signal.getsignal(signal.SIGINT)
+    if left is not found:
+        signal.signal(signal.SIGINT, found)
+        warnings.warn(f"{request.node.nodeid} left the SIGINT handler at {left!r}; put back", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

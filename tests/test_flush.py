@@ -150,7 +150,7 @@ def test_an_interrupt_writes_what_is_finished_before_saying_how_many_are_saved(t
     def interrupt(i: int) -> None:
         while not assembler.finished:  # the driver has taken the first batch in
             time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C reaches the driver
         time.sleep(5)
 
     rows = Rows([token_rows(["a", "b", "c"]), token_rows(["d"])], check=interrupt)
@@ -250,13 +250,13 @@ class Lines:
         self.proc, self.read, self.lines = proc, [], queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(x) for x in proc.stderr] + [self.lines.put(None)], daemon=True).start()
 
-    def next(self, deadline: float) -> str:
+    def next(self, deadline: float, state=lambda: "") -> str:
         try:
             line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             line = None
         if line is None:
-            raise AssertionError(f"no more progress (rc {self.proc.poll()}):\n{''.join(self.read)[-3000:]}")
+            raise AssertionError(f"no more progress (rc {self.proc.poll()}; {state()}):\n{''.join(self.read)[-3000:]}")
         self.read.append(line)
         return line
 
@@ -287,10 +287,10 @@ def test_a_driver_stopped_at_70_percent_keeps_at_least_half_the_files(tmp_path, 
                  "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
-        lines, done, deadline = Lines(proc), 0, time.monotonic() + 900
+        lines, done, deadline = Lines(proc), 0, time.monotonic() + 300
         try:
             while done < 8:
-                found = re.search(r"files done: (\d+)/16", lines.next(deadline))
+                found = re.search(r"files done: (\d+)/16", lines.next(deadline, lambda: stalled(gate, {"done": done})))
                 if found:
                     done = int(found.group(1))
                     assert stored(out) >= done  # the line counts what is on storage, as it is printed (a part may land since)
