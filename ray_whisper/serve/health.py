@@ -96,29 +96,13 @@ def ready(reports: list[dict[str, Any]], now: float) -> tuple[int, dict[str, Any
     return 503, {"status": "unavailable", "reason": "; ".join(reasons)}, min(r.get("retry_after_s", 1.0) for r in alive)
 
 
-def refusal(reports: list[dict[str, Any]], now: float, sent: int = 0) -> tuple[str, float] | None:
+def refusal(reports: list[dict[str, Any]], now: float) -> tuple[str, float] | None:
     """Why a new request would be refused by every live replica (its reason and Retry-After), or None when
-    one would take it or none is live (then Serve's router waits for one: a replica restarting comes back).
-    `sent`: the requests this proxy let through since the reports were read, spread over the live replicas
-    as Serve's router spreads them; a replica whose held requests and uploads with its share of those reach
-    its limit would refuse too (its report is up to REPORT_S old: without them, a burst in that time went on
-    to a replica busy decoding, to be refused there, more slowly)."""
+    one would take it or none is live (then Serve's router waits for one: a replica restarting comes back)."""
     alive = live(reports, now)
-    if not alive:
+    if not alive or any(not r.get("unready") for r in alive):
         return None
-    reasons = [_unready(r, sent / len(alive)) for r in alive]
-    if any(reason is None for reason in reasons):
-        return None
-    return reasons[0], min(r.get("retry_after_s", 1.0) for r in alive)
-
-
-def _unready(report: dict[str, Any], on_the_way: float) -> str | None:
-    if report.get("unready"):
-        return report["unready"]
-    limit = report.get("max_held")
-    if limit and report.get("held_requests", 0) + report.get("uploads", 0) + on_the_way >= limit:
-        return f"at capacity: {limit} requests queued, decoding or on their way (--max-queued-requests {limit})"
-    return None
+    return alive[0]["unready"], min(r.get("retry_after_s", 1.0) for r in alive)
 
 
 class Reporter:

@@ -42,7 +42,6 @@ class OpenAIErrors:
         self.refused = 0  # new requests this proxy refused itself, added to /health's total
         self._reports: list[dict] = []
         self._read_at = 0.0
-        self._sent = 0  # transcription requests let through since the reports were read
         self._reading: asyncio.Future | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -99,9 +98,8 @@ class OpenAIErrors:
                 body = _error_body(body["reason"], rid)
             await _send_json(send, status, body, rid, retry)
         else:
-            refusal = health.refusal(reports, now, self._sent)
+            refusal = health.refusal(reports, now)
             if refusal is None:
-                self._sent += 1
                 return False
             self.refused += 1
             reason, retry = refusal
@@ -116,8 +114,7 @@ class OpenAIErrors:
         if self._reading is None or self._reading.done():
             self._reading = asyncio.ensure_future(asyncio.to_thread(health.read_reports))
         reports = await asyncio.shield(self._reading)
-        if reports is not self._reports:  # new figures: what was let through before is in them
-            self._reports, self._read_at, self._sent = reports, time.monotonic(), 0
+        self._reports, self._read_at = reports, time.monotonic()
         return reports
 
 
