@@ -62,7 +62,8 @@ def sigint_left_as_found(request):
     left = signal.getsignal(signal.SIGINT)
     if left is not found:
         signal.signal(signal.SIGINT, found)
-        warnings.warn(f"{request.node.nodeid} left the SIGINT handler at {left!r}; put back", stacklevel=1)
+        warnings.warn(f"{request.node.nodeid} found the SIGINT handler at {found!r} and left it at {left!r}; "
+                      "put back", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
