@@ -154,7 +154,8 @@ def test_an_interrupt_writes_what_is_finished_before_saying_how_many_are_saved(t
         time.sleep(5)
 
     rows = Rows([token_rows(["a", "b", "c"]), token_rows(["d"])], check=interrupt)
-    # Ctrl-C as a driver has it (in the whole suite, a fixture of an earlier module may have set another handler)
+    # Ctrl-C as a driver in a terminal has it: a suite started as a background job of a non-interactive shell
+    # (`pytest &` in a script) inherits SIGINT ignored, and Python keeps it so
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(Interrupted, match=r"^interrupted: at least 3 of this run's 5 file\(s\) are saved in .* \(and 7 from"):
