@@ -213,6 +213,84 @@ def test_the_proxy_answers_the_probes_and_refuses_without_reaching_serve():
     assert refused[0] == 503 and refused[2]["error"]["type"] == "server_error" and count == 1
 
 
+def test_the_proxy_counts_what_it_let_through_since_the_replicas_last_reported():
+    """A replica reports every 0.25 s; a burst in between must not all go on to a replica that is already full
+    (to be refused there, behind its decoding). The proxy adds the requests it let through after a report,
+    spread over the live replicas: a body read against the replica's held requests, an upload still being read
+    against its uploads, as the replica counts them (a slow upload must not make normal requests refused)."""
+    one = [report("a", 0.1, held_requests=3, uploads=1, max_held=6, max_uploads=4)]
+    after, before = 999.95, 999.8  # let through after the report (not in it) and before it (in it)
+    held, uploading = (after, True, None), (after, False, None)
+    assert health.refusal(one, 1000.0, [held] * 2) is None
+    reason, retry = health.refusal(one, 1000.0, [held] * 3)
+    assert "--max-queued-requests 6" in reason and retry == 2.5
+    assert health.refusal(one, 1000.0, [(before, True, None)] * 9) is None  # in the report already
+    assert "--max-uploads 4" in health.refusal(one, 1000.0, [uploading] * 3)[0]
+    assert health.refusal(one, 1000.0, [uploading] * 2 + [held] * 2) is None  # slow uploads are not held requests
+    answered_since = (before, True, 999.99)  # in the report, gone now
+    assert health.refusal(one, 1000.0, [held] * 3 + [answered_since]) is None
+    assert health.refusal(one, 1000.0, [held] * 3 + [(before, True, 999.85)]) is not None  # gone before the report
+    full = [report("a", 0.1, "at capacity: 6 requests", held_requests=6, uploads=0, max_held=6, max_uploads=4)]
+    assert health.refusal(full, 1000.0) is not None and health.refusal(full, 1000.0, [answered_since]) is None
+    two = one + [report("b", 0.1, held_requests=0, uploads=0, max_held=6, max_uploads=40)]
+    assert health.refusal(two, 1000.0, [held] * 11) is None and health.refusal(two, 1000.0, [held] * 12) is not None
+    assert health.refusal([report("a", 0.1, held_requests=5)], 1000.0, [held] * 50) is None  # no limits reported
+    draining = [dict(one[0], draining=True, unready="draining: the server is shutting down")]
+    assert health.refusal(draining, 1000.0, [answered_since] * 5)[0].startswith("draining")
+
+    from ray_whisper.serve.proxy import OpenAIErrors
+
+    release = None
+
+    async def serve_app(scope, receive, send):  # Serve's app: reads the body as a replica does, then holds it
+        while (await receive()).get("more_body"):
+            pass
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    async def post(proxy, trickling=False):
+        sent: list[dict] = []
+        stop = asyncio.Event()
+
+        async def receive():
+            if trickling:  # a slowloris: never done
+                await asyncio.sleep(0.01)
+                return {"type": "http.request", "body": b"a", "more_body": True}
+            return {"type": "http.request", "body": b"audio", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+            stop.set()
+
+        task = asyncio.ensure_future(proxy({"type": "http", "method": "POST", "path": "/v1/audio/transcriptions",
+                                            "headers": []}, receive, send))
+        await asyncio.wait([task, asyncio.ensure_future(stop.wait())], timeout=0.2,
+                           return_when=asyncio.FIRST_COMPLETED)
+        return sent[0]["status"] if sent else "passed", task
+
+    async def burst():
+        nonlocal release
+        release = asyncio.Event()
+        proxy = OpenAIErrors(serve_app)
+        proxy._reports = [dict(one[0], held_requests=0, uploads=0, max_held=3, max_uploads=3, time=time.time())]
+        proxy._read_at = time.monotonic() + 60  # the report stays the one read
+        slow = [await post(proxy, trickling=True) for _ in range(2)]
+        normal = [await post(proxy) for _ in range(4)]
+        statuses = [s for s, _ in slow + normal]
+        release.set()
+        for _, task in normal:
+            await task
+        for _, task in slow:
+            task.cancel()
+        return statuses, proxy.refused, (await post(proxy))[0]
+
+    statuses, refused, later = asyncio.run(burst())
+    # two slow uploads pass (2 < 3 uploads); three normal ones pass (held 0, 1, 2 < 3), the fourth is refused;
+    # a third slow upload would have been refused (3 uploads), but a normal request is not
+    assert statuses == ["passed"] * 5 + [503] and refused == 1 and later == 200, statuses
+
+
 def test_the_proxy_callback_loads_without_the_models_dependencies():
     """Serve's proxy imports it on nodes that may have Ray Serve only (deploy/kuberay installs it --no-deps)."""
     code = ("import sys\nfor m in ('torch', 'numpy', 'fastapi', 'ray_whisper.serve.app', 'ray_whisper.asr'):\n"

@@ -126,7 +126,8 @@ class Service:
         return {"model": self.model_name, "replica": self.replica, "pid": os.getpid(),
                 "up_s": round(time.time() - self.started, 1), "batches": self.batches, "chunks": self.chunks,
                 "recent_batch_sizes": list(self.recent), "max_batch_size": self.queue.max_batch_size,
-                "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "uploads": self.gate.reading,
+                "queued_chunks": self.queue.waiting, "held_requests": self.gate.held, "max_held": self.gate.max_held,
+                "uploads": self.gate.reading, "max_uploads": self.gate.max_uploads,
                 "refused": self.gate.refused, "draining": self.gate.deadline is not None,
                 "unready": self.gate.unready(), "retry_after_s": retry, "time": time.time()}
 

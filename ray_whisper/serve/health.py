@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 NAMESPACE = "ray_whisper"
@@ -96,13 +96,42 @@ def ready(reports: list[dict[str, Any]], now: float) -> tuple[int, dict[str, Any
     return 503, {"status": "unavailable", "reason": "; ".join(reasons)}, min(r.get("retry_after_s", 1.0) for r in alive)
 
 
-def refusal(reports: list[dict[str, Any]], now: float) -> tuple[str, float] | None:
+def refusal(reports: list[dict[str, Any]], now: float,
+            passed: Sequence[tuple[float, bool, float | None]] = ()) -> tuple[str, float] | None:
     """Why a new request would be refused by every live replica (its reason and Retry-After), or None when
-    one would take it or none is live (then Serve's router waits for one: a replica restarting comes back)."""
+    one would take it or none is live (then Serve's router waits for one: a replica restarting comes back).
+
+    `passed`: the proxy's ledger of the requests it let through lately, each (when, whether its body has been
+    read, when it was answered or None). A report is up to REPORT_S old: what was let through after it is not
+    in it, and what was answered after it still is. So a replica's figures are brought up to now, its share of
+    the ledger being the whole spread over the live replicas as Serve's router spreads requests: a body read
+    counts against its held requests (--max-queued-requests), one still being read against its uploads
+    (--max-uploads), as the replica counts them. A burst between two reports is then refused here, at once,
+    rather than routed to a full replica and refused there behind its decoding; and a request answered just
+    after a report does not make the next one refused."""
     alive = live(reports, now)
-    if not alive or any(not r.get("unready") for r in alive):
+    if not alive:
         return None
-    return alive[0]["unready"], min(r.get("retry_after_s", 1.0) for r in alive)
+    reasons = [_unready(r, passed, len(alive)) for r in alive]
+    if any(reason is None for reason in reasons):
+        return None
+    return reasons[0], min(r.get("retry_after_s", 1.0) for r in alive)
+
+
+def _unready(report: dict[str, Any], passed: Sequence[tuple[float, bool, float | None]], replicas: int) -> str | None:
+    max_held, max_uploads = report.get("max_held"), report.get("max_uploads")
+    if report.get("draining") or not (max_held and max_uploads):  # draining, or a report without its limits
+        return report.get("unready")
+    at = report.get("time", 0.0)
+    coming = [read for when, read, answered in passed if when > at and answered is None]
+    gone = sum(1 for when, _, answered in passed if answered is not None and when <= at < answered)
+    held = max(0.0, report.get("held_requests", 0) + (sum(coming) - gone) / replicas)
+    uploads = report.get("uploads", 0) + (len(coming) - sum(coming)) / replicas
+    if held >= max_held:
+        return f"at capacity: {max_held} requests queued or decoding (--max-queued-requests {max_held})"
+    if uploads >= max_uploads:
+        return f"at capacity: {max_uploads} uploads being read (--max-uploads {max_uploads})"
+    return None
 
 
 class Reporter:

@@ -8,7 +8,8 @@ clients (the `openai` SDK included) retry a 503. Responses of the app itself (JS
 
 The same middleware answers the probes (GET /health, GET /ready) from the replicas' reports (health.py), and
 refuses a new transcription at once, before its body is read or Serve routes it, while every live replica
-reports that it would refuse it (at capacity or draining): the replica itself stays the judge of the rest.
+reports that it would refuse it (at capacity or draining), counting what it let through since those reports:
+the replica itself stays the judge of the rest.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class OpenAIErrors:
         self._reports: list[dict] = []
         self._read_at = 0.0
         self._reading: asyncio.Future | None = None
+        self._passed: list[list] = []  # the transcriptions let through lately (health.refusal's ledger)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -50,6 +52,27 @@ class OpenAIErrors:
             return
         if await self._answered_here(scope, send):
             return
+        if scope.get("method") == "POST" and scope.get("path") in WORK:
+            now = time.time()
+            self._passed = [p for p in self._passed if p[2] is None or now - p[2] < health.STALE_S]
+            passed = [now, False, None]  # when let through, body read, when answered (health.refusal)
+            self._passed.append(passed)
+
+            async def receive(inner: Any = receive) -> dict:
+                message = await inner()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    passed[1] = True  # the body read (or the client gone): no longer an upload
+                return message
+
+            try:
+                await self._forward(scope, receive, send)
+            finally:
+                passed[2] = time.time()
+        else:
+            await self._forward(scope, receive, send)
+
+    async def _forward(self, scope: dict, receive: Any, send: Any) -> None:
+        """To Serve, its plain-text errors rewritten."""
         start: dict | None = None
         body = b""
         sent = False
@@ -98,7 +121,7 @@ class OpenAIErrors:
                 body = _error_body(body["reason"], rid)
             await _send_json(send, status, body, rid, retry)
         else:
-            refusal = health.refusal(reports, now)
+            refusal = health.refusal(reports, now, [tuple(p) for p in self._passed])
             if refusal is None:
                 return False
             self.refused += 1
