@@ -234,3 +234,24 @@ def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_natively():
         native = any(word in line.split() for line in f if line.startswith("flags") for word in ("avx512_bf16", "amx_bf16"))
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("auto", "cuda") == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries, keys, masked", [(1, 1500, False), (5, 1500, False), (1, 37, True), (4, 12, True)])
+def test_a_decoder_steps_attention_is_torchs(dtype, queries, keys, masked):
+    """The decoder step's own attention (network._attend_few) against torch's scaled_dot_product_attention:
+    the same result, padding masked out as torch masks it."""
+    g = torch.Generator().manual_seed(queries * keys)
+    q, k, v = (torch.randn(3, 6, n, 64, generator=g).to(dtype) for n in (queries, keys, keys))
+    mask = None
+    if masked:  # row 1 padded on the left by 3 keys, each query seeing the keys up to its own position
+        positions = torch.arange(keys)[None, None, :]
+        mask = (positions >= torch.tensor([0, 3, 0])[:, None, None]) & \
+               (positions <= torch.arange(keys - queries, keys)[None, :, None])
+        mask = mask[:, None]
+    got = network._attend_few(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
+    assert queries <= network.FEW_QUERIES  # the decoder's steps take this path
