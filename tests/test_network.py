@@ -255,3 +255,17 @@ def test_a_decoder_steps_attention_is_torchs(dtype, queries, keys, masked):
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(got.float(), want, atol=tolerance, rtol=tolerance), (got.float() - want).abs().max()
     assert queries <= network.FEW_QUERIES  # the decoder's steps take this path
+
+
+def test_the_vocabulary_product_is_packed_in_bfloat16_too(bundled_model):
+    """--dtype auto is bfloat16 on CPUs with native bfloat16: its vocabulary product goes through the packed
+    oneDNN weight as float32's does, and gives F.linear's logits."""
+    net = network.load(bundled_model, dtype=torch.bfloat16)
+    h = torch.randn(16, net.dims.d_model, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    if network._pack_for_onednn(net.proj_out.weight) is None:
+        pytest.skip("this torch has no oneDNN packed product for bfloat16 on this CPU")
+    assert net._packed_out(h) is not None
+    got, want = net.vocabulary_logits(h).float(), torch.nn.functional.linear(h.float(), net.proj_out.weight.float())
+    unpacked = torch.nn.functional.linear(h, net.proj_out.weight).float()  # bfloat16 as MKL computes it
+    error, error_unpacked = (float((x - want).norm() / want.norm()) for x in (got, unpacked))
+    assert error < 1e-2 and error <= 2 * error_unpacked + 1e-4, (error, error_unpacked)

@@ -118,7 +118,7 @@ def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     """scaled_dot_product_attention for a decoder step on CPU: a few queries per row (one token, or a chunk's
     beams) over up to 1500 keys. PyTorch's CPU kernel (flash attention) tiles the queries and runs its small
     products one block at a time; for so few queries that is far below the speed of reading the keys. Here the
-    scores and the weighted sum are each one batched product, the softmax in float32 (as the kernel keeps it).
+    scores and the weighted sum are each one batched product.
     Measured on 2 AMD EPYC cores (AVX512-BF16), 16 rows x 6 heads x 1 query over 1500 keys: bfloat16 8.8 ms ->
     1.6 ms, float32 2.5 -> 1.9 ms; a tiny.en decoder step at batch 16 in bfloat16 45 -> 15 ms
     (docs/performance.md#attention-of-a-decoder-step). With many queries (the encoder, a long prompt) the
@@ -126,7 +126,7 @@ def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.float().softmax(-1).to(v.dtype), v)
+    return torch.matmul(scores.softmax(-1), v)  # a bfloat16 softmax is computed in float32 inside
 
 
 class EncoderLayer(nn.Module):
@@ -282,10 +282,11 @@ class Whisper(nn.Module):
         return dec.embed_tokens(tokens) + dec.embed_positions.weight[positions], visible[:, None]
 
     def vocabulary_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """proj_out(h). On CPU in float32, through a copy of the weight laid out for oneDNN's matrix product
-        when this torch has it: MKL's product of a few rows by the (vocab, d_model) matrix runs far below
-        the memory's speed on some CPUs (tiny, 16 rows, 2 AMD cores: 22 ms; packed: 8 ms; 3 rows: 28 ms vs
-        4.6 ms), and a decoder step is one such product plus ~25 ms of everything else."""
+        """proj_out(h). On CPU in float32 or bfloat16, through a copy of the weight laid out for oneDNN's matrix
+        product when this torch has it: MKL's product of a few rows by the (vocab, d_model) matrix runs far
+        below the memory's speed on some CPUs (tiny, 16 rows, 2 AMD cores: 22 ms; packed: 8 ms; 3 rows: 28 ms
+        vs 4.6 ms). In bfloat16 (2 AMD EPYC cores with AVX512-BF16, 16 rows): 3.9 ms, packed 2.1 ms, of a
+        decoder step's ~19 ms."""
         packed = self._packed_out(h)
         if packed is None:
             return self.proj_out(h)
@@ -293,7 +294,7 @@ class Whisper(nn.Module):
 
     def _packed_out(self, h: torch.Tensor) -> Any:
         w = self.proj_out.weight
-        if h.device.type != "cpu" or h.dtype != torch.float32 or w.dtype != torch.float32 or h.dim() != 2:
+        if h.device.type != "cpu" or h.dtype not in PACKED_DTYPES or w.dtype != h.dtype or h.dim() != 2:
             return None
         key = (w.data_ptr(), w.shape)
         if self._packed[0] != key:
@@ -301,16 +302,21 @@ class Whisper(nn.Module):
         return self._packed[1]
 
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _pack_for_onednn(w: torch.Tensor) -> Any:
     """`w` reordered for torch.ops.mkldnn._linear_pointwise (an internal op that torch.compile uses), or
     None where this torch lacks it or it disagrees with F.linear on a probe."""
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-        probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
         got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
     except (AttributeError, RuntimeError, TypeError):  # missing op, unsupported CPU, changed signature
         return None
-    return packed if torch.allclose(got, F.linear(probe, w), rtol=1e-4, atol=1e-3) else None
+    want = F.linear(probe.float(), w.float())
+    error = float((got.float() - want).norm() / want.norm())
+    return packed if error < (1e-5 if w.dtype == torch.float32 else 1e-2) else None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
