@@ -1,0 +1,88 @@
+"""A decoder step's parts on this CPU: the attention of a few queries over many keys through torch's
+scaled_dot_product_attention beside the model's own (model.network._attend_few, what decoder steps use on
+CPU), the vocabulary product plain and packed for oneDNN, and a whole tiny.en decoder step at batch 16, in
+float32 and bfloat16. What network.FEW_QUERIES and network.vocabulary_logits rest on.
+
+    python benchmarks/attention.py                 # ~1 min
+    python benchmarks/attention.py --threads 4
+
+Prints the CPU (model and whether it has AMX, AVX512-BF16, AVX2), then milliseconds per call, the median of
+--repeats timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import cpu, describe  # noqa: E402
+
+SHAPES = [  # (rows, queries, keys): a greedy step's cross- and self-attention, a chunk's 5 beams, a prompt
+    (16, 1, 1500), (16, 1, 224), (4, 5, 1500), (16, 32, 1500), (16, 100, 100)]
+
+
+def ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from ray_whisper.model import network, runtime
+    from ray_whisper.model.checkpoint import bundled_model_dir
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {describe(cpu())}; torch {torch.__version__}, {args.threads} threads")
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        for rows, queries, keys in SHAPES:
+            q, k, v = (torch.randn(rows, 6, n, 64, generator=g).to(dtype) for n in (queries, keys, keys))
+            torch_ms = ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            own_ms = ms(lambda: network._attend_few(q, k, v, None), args.repeats)
+            used = "own" if queries <= network.FEW_QUERIES else "torch's"
+            print(f"{name:8} attention {rows:2} rows x 6 heads x {queries:3} queries over {keys:4} keys: "
+                  f"torch {torch_ms:6.2f} ms, own {own_ms:6.2f} ms (decoder uses {used})")
+        net = network.load(bundled_model_dir(), dtype=dtype)
+        h = torch.randn(16, net.dims.d_model, generator=g).to(dtype)
+        plain = ms(lambda: F.linear(h, net.proj_out.weight), args.repeats)
+        packed = ms(lambda: net.vocabulary_logits(h), args.repeats)
+        print(f"{name:8} vocabulary product, 16 rows: plain {plain:.2f} ms, as decoding runs it "
+              f"({'packed' if net._packed_out(h) is not None else 'plain'}) {packed:.2f} ms")
+        net.cross_dtype = runtime.cross_attention_dtype("cpu", dtype)
+        encoded = torch.randn(16, net.dims.n_audio_ctx, net.dims.d_model, generator=g).to(dtype)
+
+        with torch.inference_mode():
+            cache = net.new_cache(encoded, 224)
+            net.decode(torch.full((16, 4), 50257), cache)
+
+            def steps(n: int = 40) -> None:
+                cache.length = 4  # the same 40 steps again, after the same 4-token prefix
+                for i in range(n):
+                    net.decode(torch.full((16, 1), 50300 + i), cache)
+
+            step = ms(steps, max(3, args.repeats // 5)) / 40
+        print(f"{name:8} tiny.en decoder step, 16 rows, 4-44 tokens in: {step:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
