@@ -121,7 +121,7 @@ def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     scores and the weighted sum are each one batched product.
     Measured on 2 AMD EPYC cores (AVX512-BF16), 16 rows x 6 heads x 1 query over 1500 keys: bfloat16 8.8 ms ->
     1.6 ms, float32 2.5 -> 1.9 ms; a tiny.en decoder step at batch 16 in bfloat16 45 -> 15 ms
-    (docs/performance.md#attention-of-a-decoder-step). With many queries (the encoder, a long prompt) the
+    (docs/performance.md#the-attention-of-a-decoder-step). With many queries (the encoder, a long prompt) the
     kernel is the faster, and it is kept."""
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is not None:
@@ -286,7 +286,7 @@ class Whisper(nn.Module):
         product when this torch has it: MKL's product of a few rows by the (vocab, d_model) matrix runs far
         below the memory's speed on some CPUs (tiny, 16 rows, 2 AMD cores: 22 ms; packed: 8 ms; 3 rows: 28 ms
         vs 4.6 ms). In bfloat16 (2 AMD EPYC cores with AVX512-BF16, 16 rows): 3.9 ms, packed 2.1 ms, of a
-        decoder step's ~19 ms."""
+        decoder step's 16 ms (benchmarks/attention.py)."""
         packed = self._packed_out(h)
         if packed is None:
             return self.proj_out(h)
