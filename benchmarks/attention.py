@@ -1,7 +1,7 @@
 """A decoder step's parts on this CPU: the attention of a few queries over many keys through torch's
-scaled_dot_product_attention beside the model's own (model.network._attend_few, what decoder steps use on
+scaled_dot_product_attention beside the model's own (model.network._attend_decoder, what the decoder uses on
 CPU), the vocabulary product plain and packed for oneDNN, and a whole tiny.en decoder step at batch 16, in
-float32 and bfloat16. What network.FEW_QUERIES and network.vocabulary_logits rest on.
+float32 and bfloat16. What network._attend_decoder and network.vocabulary_logits rest on.
 
     python benchmarks/attention.py                 # ~1 min
     python benchmarks/attention.py --threads 4
@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import cpu, describe  # noqa: E402
 
-SHAPES = [  # (rows, queries, keys): a greedy step's cross- and self-attention, a chunk's 5 beams, a prompt
-    (16, 1, 1500), (16, 1, 224), (4, 5, 1500), (16, 32, 1500), (16, 100, 100)]
+SHAPES = [  # (rows, queries, keys): a greedy step's cross- and self-attention, a chunk's 5 beams, prompts, the encoder
+    (16, 1, 1500), (16, 1, 224), (4, 5, 1500), (16, 32, 1500), (16, 100, 100), (2, 1500, 1500)]
 
 
 def ms(fn: Callable[[], object], repeats: int) -> float:
@@ -58,10 +58,10 @@ def main() -> None:
         for rows, queries, keys in SHAPES:
             q, k, v = (torch.randn(rows, 6, n, 64, generator=g).to(dtype) for n in (queries, keys, keys))
             torch_ms = ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-            own_ms = ms(lambda: network._attend_few(q, k, v, None), args.repeats)
-            used = "own" if queries <= network.FEW_QUERIES else "torch's"
+            own_ms = ms(lambda: network._attend_decoder(q, k, v, None), args.repeats)
+            used = "torch's (the encoder)" if queries == 1500 else "own"
             print(f"{name:8} attention {rows:2} rows x 6 heads x {queries:3} queries over {keys:4} keys: "
-                  f"torch {torch_ms:6.2f} ms, own {own_ms:6.2f} ms (decoder uses {used})")
+                  f"torch {torch_ms:6.2f} ms, own {own_ms:6.2f} ms (the model uses {used})")
         net = network.load(bundled_model_dir(), dtype=dtype)
         h = torch.randn(16, net.dims.d_model, generator=g).to(dtype)
         plain = ms(lambda: F.linear(h, net.proj_out.weight), args.repeats)

@@ -86,7 +86,7 @@ class Attention(nn.Module):
         return self.split(self.k_proj(x)), self.split(self.v_proj(x))
 
     def attend(self, q_in: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-               group: int = 1) -> torch.Tensor:
+               group: int = 1, decoder: bool = False, in_float32: bool = False) -> torch.Tensor:
         """Attention of q_in's rows over k, v. With `group` > 1, each run of `group` rows of q_in (the beams
         of one chunk) attends over one row of k, v: their queries are stacked into that row's query sequence,
         so the beams of a chunk share its cross-attention keys and values instead of holding copies."""
@@ -94,8 +94,10 @@ class Attention(nn.Module):
         rows, heads, t, d = q.shape
         if group > 1:
             q = q.view(rows // group, group, heads, t, d).transpose(1, 2).reshape(rows // group, heads, group * t, d)
-        if q.shape[2] <= FEW_QUERIES and q.device.type == "cpu":
-            out = _attend_few(q, k, v, mask)
+        # a float32 model over a bfloat16 cross-attention cache (runtime.cross_attention_dtype) keeps torch's
+        # kernel, whose scores stay in float32: the model's own precision, as its user asked
+        if decoder and q.device.type == "cpu" and q_in.dtype == k.dtype:
+            out = _attend_decoder(q, k, v, mask, in_float32)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if group > 1:
@@ -111,21 +113,32 @@ class Attention(nn.Module):
         return (q @ k[:, heads].transpose(-1, -2) * scale).float().softmax(-1)
 
 
-FEW_QUERIES = 8  # up to this many queries per row, CPU attention is two matrix products (_attend_few)
-
-
-def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """scaled_dot_product_attention for a decoder step on CPU: a few queries per row (one token, or a chunk's
+def _attend_decoder(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    in_float32: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention for the decoder on CPU, above all its steps: one query per row (or a chunk's
     beams) over up to 1500 keys. PyTorch's CPU kernel (flash attention) tiles the queries and runs its small
     products one block at a time; for so few queries that is far below the speed of reading the keys. Here the
     scores and the weighted sum are each one batched product.
-    Measured on 2 AMD EPYC cores (AVX512-BF16), 16 rows x 6 heads x 1 query over 1500 keys: bfloat16 8.8 ms ->
-    1.6 ms, float32 2.5 -> 1.9 ms; a tiny.en decoder step at batch 16 in bfloat16 45 -> 15 ms
-    (docs/performance.md#the-attention-of-a-decoder-step). With many queries (the encoder, a long prompt) the
-    kernel is the faster, and it is kept."""
+    Measured on 2 AMD EPYC cores (AVX512-BF16), 16 rows x 6 heads x 1 query over 1500 keys: bfloat16 8.9 ms ->
+    1.5 ms, float32 3.2 -> 2.9 ms; a tiny.en decoder step at batch 16 in bfloat16 45 -> 15 ms
+    (docs/performance.md#the-attention-of-a-decoder-step). The decoder's prompts (up to 224 queries, once per
+    chunk) go the same way, so that a row decodes through the same arithmetic whatever the prompts of the rows
+    beside it (a row padded to a longer prompt must decode as it would alone); the encoder keeps torch's kernel,
+    the faster for 1500 queries.
+
+    The scores come out of the product in q's dtype: in bfloat16 each is rounded to 3 significant digits, where
+    torch's kernel keeps them in float32. `in_float32` computes in float32 instead: the decoder asks it for a
+    prompt (several tokens at once, once per chunk), so that a row's start does not hang on the length of the
+    padding or the number of queries beside it; a step (one token per row) stays in the model's dtype (in
+    float32 a bfloat16 step's self-attention made the step 24.5 ms instead of 18.5 at batch 16).
+    In a bfloat16 model the WER stayed the same on the benchmark's three corpora (docs/performance.md)."""
+    if in_float32 and q.dtype != torch.float32:
+        return _attend_decoder(q.float(), k.float(), v.float(), mask).to(q.dtype)
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        # the dtype's lowest, not -inf: a query that sees no key (a row's left padding) gets finite weights, where
+        # -inf would give NaN, which the padding's keys and values would carry into the rows' real tokens
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.matmul(scores.softmax(-1), v)  # a bfloat16 softmax is computed in float32 inside
 
 
@@ -246,12 +259,14 @@ class Whisper(nn.Module):
             k, v = layer.self_attn.keys_values(h)
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
-            x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+            x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask, decoder=True,
+                                         in_float32=n > 1)
             h = layer.encoder_attn_layer_norm(x)
             heads = [hd for ly, hd in attention_heads or () if ly == index]
             if heads:
                 weights.update(zip([(index, hd) for hd in heads], layer.encoder_attn.weights(h, k_cross, heads).unbind(1)))
-            x = x + layer.encoder_attn.attend(h, k_cross, v_cross, group=cache.group)
+            x = x + layer.encoder_attn.attend(h, k_cross, v_cross, group=cache.group, decoder=True,
+                                            in_float32=n > 1)
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         cache.length = end
         logits = self.vocabulary_logits(dec.layer_norm(x if every_position else x[:, -1])).float()
