@@ -134,7 +134,7 @@ def test_loading_and_decoding_do_not_import_torch_compile_machinery(bundled_mode
     assert out.stdout.strip() == "False"
 
 
-ENCODE_FOUR_TIMES = """
+ENCODE_N_TIMES = """
 import resource, sys, torch
 from concurrent.futures import ThreadPoolExecutor
 from ray_whisper.model import network
@@ -147,7 +147,7 @@ x = torch.randn(8, 80, 3000)  # 8 windows: blocks over 64 MB, past what a thread
 
 def calls():
     with torch.inference_mode():
-        for _ in range(4):
+        for _ in range(int(sys.argv[3])):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             net.encode(x)
             print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -174,12 +174,13 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     from ray_whisper.model.resources import CPU_ACTOR_ENV, model_actor_options
 
     env = os.environ | (CPU_ACTOR_ENV if mode == "thread-actor-env" else {})
-    out = subprocess.run([sys.executable, "-c", ENCODE_FOUR_TIMES, mode, bundled_model], capture_output=True, text=True,
-                         check=True, env=env)
+    calls = "8" if mode == "thread-actor-env" else "4"  # a median of 7 later calls: a few slow arenas do not move it
+    out = subprocess.run([sys.executable, "-c", ENCODE_N_TIMES, mode, bundled_model, calls], capture_output=True,
+                         text=True, check=True, env=env)
     first, *later = (int(x) for x in out.stdout.split())
     if mode == "thread-actor-env":
-        # mostly 0; now and then a few to ~15 thousand (a thread's first use of a malloc arena); the default:
-        # tens of thousands every call
+        # mostly 0; now and then a few to ~18 thousand (a thread's first use of a malloc arena: in fresh-clone
+        # CI two of three later calls once); the default: tens of thousands every call
         assert sorted(later)[len(later) // 2] < 0.1 * first
     else:
         assert min(later) > 10_000  # the contrast: the measurement does see the churn
