@@ -59,7 +59,9 @@ def main() -> None:
             q, k, v = (torch.randn(rows, 6, n, 64, generator=g).to(dtype) for n in (queries, keys, keys))
             torch_ms = ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
             own_ms = ms(lambda: network._attend_decoder(q, k, v, None), args.repeats)
-            used = "torch's (the encoder)" if queries == 1500 else "own"
+            narrowed = runtime.cross_attention_dtype("cpu", dtype) not in (None, dtype)  # network.Attention.attend
+            used = ("torch's (the encoder)" if queries == 1500 else
+                    "torch's (over its narrowed cross-attention cache)" if narrowed and keys == 1500 else "own")
             print(f"{name:8} attention {rows:2} rows x 6 heads x {queries:3} queries over {keys:4} keys: "
                   f"torch {torch_ms:6.2f} ms, own {own_ms:6.2f} ms (the model uses {used})")
         net = network.load(bundled_model_dir(), dtype=dtype)
