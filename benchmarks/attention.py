@@ -47,7 +47,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from ray_whisper.model import network, runtime
+    from ray_whisper.model import network
     from ray_whisper.model.checkpoint import bundled_model_dir
 
     torch.set_num_threads(args.threads)
@@ -59,9 +59,7 @@ def main() -> None:
             q, k, v = (torch.randn(rows, 6, n, 64, generator=g).to(dtype) for n in (queries, keys, keys))
             torch_ms = ms(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
             own_ms = ms(lambda: network._attend_decoder(q, k, v, None), args.repeats)
-            narrowed = runtime.cross_attention_dtype("cpu", dtype) not in (None, dtype)  # network.Attention.attend
-            used = ("torch's (the encoder)" if queries == 1500 else
-                    "torch's (over its narrowed cross-attention cache)" if narrowed and keys == 1500 else "own")
+            used = "torch's (the encoder)" if queries == 1500 else "own"  # network.Attention.attend
             print(f"{name:8} attention {rows:2} rows x 6 heads x {queries:3} queries over {keys:4} keys: "
                   f"torch {torch_ms:6.2f} ms, own {own_ms:6.2f} ms (the model uses {used})")
         net = network.load(bundled_model_dir(), dtype=dtype)
@@ -70,7 +68,6 @@ def main() -> None:
         packed = ms(lambda: net.vocabulary_logits(h), args.repeats)
         print(f"{name:8} vocabulary product, 16 rows: plain {plain:.2f} ms, as decoding runs it "
               f"({'packed' if net._packed_out(h) is not None else 'plain'}) {packed:.2f} ms")
-        net.cross_dtype = runtime.cross_attention_dtype("cpu", dtype)
         encoded = torch.randn(16, net.dims.n_audio_ctx, net.dims.d_model, generator=g).to(dtype)
 
         with torch.inference_mode():

@@ -188,37 +188,6 @@ def test_model_actors_reuse_freed_memory_without_page_faults(mode, bundled_model
     assert model_actor_options("float32", 0, "--gpus-per-actor") == {"runtime_env": {"env_vars": CPU_ACTOR_ENV}}
 
 
-def test_bfloat16_cross_attention_cache_keeps_the_tokens(models, speech):
-    """Whisper.cross_dtype = bfloat16 (what tuning.cross_attention_dtype picks on x86-64 CPUs):
-    the cache holds the encoder's keys and values in bfloat16, and teacher-forced on real sequences the
-    logits stay within bfloat16's rounding of float32's, with the same most likely token at every position."""
-    net, hf = models
-    with torch.inference_mode():
-        encoded = net.encode(speech)
-        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=60)
-        wide = net.decode(tokens, net.new_cache(encoded, tokens.shape[1]), every_position=True)
-        net.cross_dtype = torch.bfloat16
-        try:
-            cache = net.new_cache(encoded, tokens.shape[1])
-            narrow = net.decode(tokens, cache, every_position=True)
-        finally:
-            net.cross_dtype = None
-    assert {k.dtype for k, v in cache.cross_kv} == {torch.bfloat16}
-    assert narrow.dtype == torch.float32 and not torch.equal(narrow, wide)  # it did run in bfloat16
-    assert (narrow - wide).abs().max() < 0.5
-    assert (narrow.argmax(-1) == wide.argmax(-1)).all()
-
-
-def test_cross_attention_dtype_narrows_only_float32_on_cpu():
-    from ray_whisper.model.runtime import cross_attention_dtype
-
-    assert cross_attention_dtype("cuda", torch.float16) is None
-    assert cross_attention_dtype("cuda", torch.float32) is None
-    assert cross_attention_dtype("cpu", torch.bfloat16) is None
-    x86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # where it was measured
-    assert cross_attention_dtype("cpu", torch.float32) == (torch.bfloat16 if x86 else None)
-
-
 def test_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it_natively():
     """--dtype auto on CPU: bfloat16 with AMX or AVX512-BF16 (measured faster at the same WER:
     benchmarks/dtypes.py), float32 on an AVX2 or AVX-512 CPU without them; float16 on a GPU."""

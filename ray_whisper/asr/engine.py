@@ -23,7 +23,7 @@ import torch
 from ..config import DecodingOptions
 from ..model import network
 from ..model.checkpoint import Checkpoint
-from ..model.runtime import (ModelThread, cross_attention_dtype, keep_freed_memory, quantize_linear, resolve_dtype,
+from ..model.runtime import (ModelThread, keep_freed_memory, quantize_linear, resolve_dtype,
                              run_at_normal_priority)
 from . import features
 from .alignment import WordAligner
@@ -63,7 +63,6 @@ class Engine:
         self.net = network.load(self.checkpoint.directory, self.device, dtype)
         if options.dtype == "int8":
             quantize_linear(self.net)
-        self.net.cross_dtype = cross_attention_dtype(self.device, dtype)
         self.n_mels = self.net.dims.n_mels
         self.tally = Tally()  # what it did since it loaded (asr.tally), all its decoders together
         self._variants: dict[tuple, tuple[Decoder, WordAligner | None]] = {}

@@ -90,25 +90,23 @@ class Attention(nn.Module):
         """Attention of q_in's rows over k, v. With `group` > 1, each run of `group` rows of q_in (the beams
         of one chunk) attends over one row of k, v: their queries are stacked into that row's query sequence,
         so the beams of a chunk share its cross-attention keys and values instead of holding copies."""
-        q = self.split(self.q_proj(q_in)).to(k.dtype)  # k may be narrower (Whisper.cross_dtype)
+        q = self.split(self.q_proj(q_in))
         rows, heads, t, d = q.shape
         if group > 1:
             q = q.view(rows // group, group, heads, t, d).transpose(1, 2).reshape(rows // group, heads, group * t, d)
-        # a float32 model over a bfloat16 cross-attention cache (runtime.cross_attention_dtype) keeps torch's
-        # kernel, whose scores stay in float32: the model's own precision, as its user asked
-        if decoder and q.device.type == "cpu" and q_in.dtype == k.dtype:
+        if decoder and q.device.type == "cpu":
             out = _attend_decoder(q, k, v, mask, in_float32)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         if group > 1:
             out = out.view(rows // group, heads, group, t, d).transpose(1, 2).reshape(rows, heads, t, d)
-        return self.out_proj(out.transpose(1, 2).reshape(rows, t, -1).to(q_in.dtype))
+        return self.out_proj(out.transpose(1, 2).reshape(rows, t, -1))
 
 
     def weights(self, q_in: torch.Tensor, k: torch.Tensor, heads: list[int]) -> torch.Tensor:
         """The attention probabilities of some heads, (batch, len(heads), t, keys): what `attend` computes
         inside scaled_dot_product_attention, made explicit where the weights themselves are wanted."""
-        q = self.split(self.q_proj(q_in))[:, heads].to(k.dtype)
+        q = self.split(self.q_proj(q_in))[:, heads]
         scale = q.shape[-1] ** -0.5
         return (q @ k[:, heads].transpose(-1, -2) * scale).float().softmax(-1)
 
@@ -216,9 +214,6 @@ class Whisper(nn.Module):
         self.proj_out = nn.Linear(dims.d_model, dims.vocab_size, bias=False)
         self.proj_out.weight = self.model.decoder.embed_tokens.weight  # tied, as in every Whisper checkpoint
         self._packed: tuple[Any, Any] = (None, None)  # (proj_out weight's identity, its oneDNN layout or None)
-        # the dtype new caches keep cross-attention keys and values in (None: the encoder's): every decoder
-        # step reads all of them, so on CPU a narrower copy makes steps cheaper (runtime.cross_attention_dtype)
-        self.cross_dtype: torch.dtype | None = None
 
     def encode(self, mel: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(mel)
@@ -237,8 +232,7 @@ class Whisper(nn.Module):
             for _ in dec.layers
         ]
         # contiguous: every decoder step reads all of them (attention over a transposed view is ~25% slower on CPU)
-        narrow = self.cross_dtype or encoded.dtype
-        cross_kv = [tuple(t.to(narrow).contiguous() for t in layer.encoder_attn.keys_values(encoded))
+        cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoded))
                     for layer in dec.layers]
         return DecoderCache(self_kv, cross_kv, group, offsets)
 

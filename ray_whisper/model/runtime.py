@@ -125,18 +125,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def cross_attention_dtype(device: str, dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype a model in `dtype` on `device` keeps its cross-attention keys and values in
-    (network.Whisper.cross_dtype; None: the encoder's own). Every decoder step reads all of them, 1500 keys
-    per window, so on an x86-64 CPU a bfloat16 copy makes each step cheaper: tiny.en's cross-attention step
-    22.7 ms -> 13.3 ms and the decoder from memory on 92 min of speech 5-10% faster at the same WER (1.50%) and
-    the same second passes on an AVX2 CPU without native bfloat16 (docs/performance.md has both runs, the
-    AVX512-BF16 run). Elsewhere None: a GPU runs float16 already, and other CPUs were not measured."""
-    if device != "cpu" or dtype != torch.float32:  # int8 models compute in float32 (resolve_dtype)
-        return None
-    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else None
-
-
 def quantize_linear(net: nn.Module, keep: tuple[str, ...] = ("proj_out",)) -> int:
     """--dtype int8: every nn.Linear of `net` but those named in `keep` replaced, in place, by PyTorch's
     dynamically quantised int8 linear (int8 weights with a scale per output channel, activations quantised
