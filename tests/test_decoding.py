@@ -82,6 +82,31 @@ def test_a_chunk_decodes_the_same_alone_and_in_a_batch_whose_chunks_end_at_diffe
     assert np.isfinite([r.avg_logprob for r in together]).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.6])
+def test_a_row_found_looping_stops_there_and_its_neighbours_go_on(bundled_model, speech_clips, temperature):
+    """Decoder's `loops`: every LOOP_CHECK_STEPS steps each greedy or sampled row's tokens so far are asked
+    whether they loop; a row that does stops with those tokens (it fails either way, and need not repeat itself
+    up to the token limit); the row beside it decodes as it would without the check."""
+    from ray_whisper.asr.decoding import LOOP_CHECK_STEPS
+    from ray_whisper.asr.engine import Engine
+
+    feats = features.log_mel([speech_clips[0][0], speech_clips[1][0]], 80)
+    decoder = Engine(bundled_model, DecodingOptions(), cpu_threads=2).decoder
+    free = decoder(feats, [None, None], temperature=temperature, seeds=[3, 4])
+    assert free[0].tokens[:4] != free[1].tokens[:4] and len(free[0].tokens) > LOOP_CHECK_STEPS
+    asked: list[int] = []
+
+    def loops(tokens: list[int]) -> bool:
+        asked.append(len(tokens))
+        return tokens[:4] == free[0].tokens[:4]
+
+    cut, whole = decoder(feats, [None, None], temperature=temperature, seeds=[3, 4], loops=loops)
+    assert cut.tokens == free[0].tokens[:LOOP_CHECK_STEPS]
+    assert whole.tokens == free[1].tokens and whole.avg_logprob == pytest.approx(free[1].avg_logprob, abs=1e-4)
+    assert asked and {n % LOOP_CHECK_STEPS for n in asked} == {0}
+
+
 def test_the_seek_pass_falls_back_on_loops_only():
     """A first pass falls back on a loop or on low log-probability; the seek pass (a chunk's tail, a few words
     padded with silence) only on a loop; a likely no-speech decoding on neither."""

@@ -10,6 +10,7 @@ tiny). transformers is not used here; the tests compare this decoder against it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ from ..model.kv_cache import DecoderCache
 from ..model.network import Whisper
 from .tally import Tally
 from .tokens import SpecialTokens
+
+# How often (decoder steps) a greedy or sampled row's tokens so far are checked for a loop (Decoder.__call__'s
+# `loops`): tokenizing a batch's rows costs ~1 ms, a step of tiny.en at batch 16 ~15-30 ms on 2 CPU cores.
+LOOP_CHECK_STEPS = 16
 
 
 @dataclass
@@ -143,13 +148,16 @@ class Decoder:
 
     def __call__(self, feats: np.ndarray, languages: list[str | int | None], prompts: list[list[int]] | None = None,
                  temperature: float = 0.0, seeds: list[int] | None = None,
-                 encoded: torch.Tensor | None = None, hold_s: list[float | None] | None = None) -> list[Decoded]:
+                 encoded: torch.Tensor | None = None, hold_s: list[float | None] | None = None,
+                 loops: Callable[[list[int]], bool] | None = None) -> list[Decoded]:
         """Decode (chunks, n_mels, 3000) features. Per chunk: its language (a code; None: detect it, English for
         English-only models; or the index of another chunk of the batch whose detected language it takes: a
         file's language detected on one of its chunks), the token ids of its prompt (Whisper's <|startofprev|>
         text: names, jargon, earlier text) and, when `temperature` > 0 (sampling instead of the likeliest
         token), the seed that makes its sample repeatable, and the time (seconds; None: none) before which a
-        greedy decoding may not end after a timestamp (asr.transcribe: the hold)."""
+        greedy decoding may not end after a timestamp (asr.transcribe: the hold). `loops`, given a greedy or
+        sampled row's tokens so far, says whether they already loop: such a row stops there, every
+        LOOP_CHECK_STEPS steps, instead of repeating itself up to --max-new-tokens."""
         net = self.net
         beams = self.opt.beam_size if temperature == 0 else 1  # beams at temperature 0, as Whisper
         encoded = self.encode(feats) if encoded is None else encoded
@@ -171,7 +179,8 @@ class Decoder:
             if beams > 1:
                 tokens, sum_logprob = self._beam(logits, cache)
             else:
-                tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)), hold_s)
+                tokens, sum_logprob = self._greedy(logits, cache, temperature, seeds or list(range(chunks)), hold_s,
+                                                   loops)
         return [
             Decoded(tokens[i], languages[i], float(no_speech[i]), float(sum_logprob[i]) / max(len(tokens[i]), 1),
                     temperature, language_probs[i])
@@ -223,10 +232,12 @@ class Decoder:
             self.rules.apply(logits, step, state)
 
     def _greedy(self, logits: torch.Tensor, cache: DecoderCache, temperature: float,
-                seeds: list[int], hold_s: list[float | None] | None = None) -> tuple[list[list[int]], list[float]]:
+                seeds: list[int], hold_s: list[float | None] | None = None,
+                loops: Callable[[list[int]], bool] | None = None) -> tuple[list[list[int]], list[float]]:
         """The likeliest token at every step, or at `temperature` > 0 a token sampled from the distribution
         sharpened or flattened by it, each row from its own seeded generator (the same sample whatever else is
-        in the batch). Rows that end leave the batch and the caches at once."""
+        in the batch). Rows that end, or whose tokens so far `loops` finds looping, leave the batch and the
+        caches at once."""
         generators = None
         if temperature > 0:
             generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
@@ -250,6 +261,9 @@ class Decoder:
             generated[rows, step] = token
             state = state.advance(token, self.t.timestamp_begin)
             going = token != self.t.eot
+            if loops is not None and (step + 1) % LOOP_CHECK_STEPS == 0:
+                done = generated[rows, : step + 1].tolist()
+                going &= torch.tensor([not loops(row) for row in done], device=self.device)
             n_going = int(going.sum())
             if n_going == 0:
                 break

@@ -136,7 +136,11 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
     higher temperature it loops (tiny.en on German speech) where left free it may find calm text."""
     opt = decoder.opt
     temperatures = opt.temperature_steps
-    results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold)
+
+    def loops(tokens: list[int]) -> bool:  # a decoding that already loops stops there: it fails either way
+        return compression_ratio(text_of(tokens)) > opt.compression_ratio_threshold
+
+    results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold, loops)
     attempts = [[r] for r in results]
     for temperature in temperatures[1:]:
         redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of, loops_only)]
@@ -145,7 +149,7 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
         decoder.tally.fallback_decodings += len(redo)
         with decoder.tally.timing("fallback_s"):
             again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
-                            [seeds[i] for i in redo], None if encoded is None else encoded[redo])
+                            [seeds[i] for i in redo], None if encoded is None else encoded[redo], loops=loops)
         for i, r in zip(redo, again):
             if math.isnan(r.language_prob):  # decoded in the language detected the first time: keep its probability
                 r.language_prob = results[i].language_prob
