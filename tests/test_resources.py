@@ -17,7 +17,7 @@ def plan(cluster, node_cpus=None, **options):
 def test_cpu_only_cluster_runs_one_cpu_actor_with_the_node_cores():
     res = plan({"CPU": 2.0}, [2.0])
     assert (res.gpus_per_actor, res.min_actors, res.max_actors) == (0.0, 1, 1)
-    assert res.batch_size == 16 and res.cpus_per_actor == 1.0
+    assert res.batch_size == 32 and res.cpus_per_actor == 1.0
     assert res.cpu_threads == 2  # the one actor uses both cores of its node
 
 
@@ -46,7 +46,7 @@ def test_explicit_pool_bounds_win():
 
 def test_gpus_per_actor_zero_keeps_actors_on_cpu_on_a_gpu_cluster():
     res = plan({"CPU": 16.0, "GPU": 2.0}, [16.0], gpus_per_actor=0)
-    assert (res.gpus_per_actor, res.max_actors, res.batch_size) == (0.0, 1, 16)
+    assert (res.gpus_per_actor, res.max_actors, res.batch_size) == (0.0, 1, 32)
 
 
 def test_int8_with_automatic_gpus_on_a_gpu_cluster_is_refused_naming_the_option_that_keeps_it_on_cpu():
@@ -90,9 +90,14 @@ LARGE_V3 = {"d_model": 1280, "decoder_layers": 32, "max_source_positions": 1500}
 
 def test_automatic_batch_size_fits_the_models_decoder_cache_in_memory():
     """A batch holds 2 x layers x 1500 x d_model cross-attention values per window through its decoding:
-    tiny gets the cap on either device; large-v3 in fp32 on CPU (491 MB a window) only 4 in 2 GiB."""
-    assert plan({"CPU": 2.0}, [2.0]).batch_size == 16
-    assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], TINY).batch_size == 16
+    tiny gets the cap on either device; large-v3 in fp32 on CPU (491 MB a window) only 4 in 2 GiB. A Serve
+    replica on CPU at most 16 (online: a batch's time is each request's wait)."""
+    from ray_whisper.model.resources import auto_batch_size
+
+    assert plan({"CPU": 2.0}, [2.0]).batch_size == 32
+    assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], TINY).batch_size == 32
+    assert (auto_batch_size(False, TINY, online=True), auto_batch_size(True, TINY, online=True)) == (16, 32)
+    assert auto_batch_size(False, LARGE_V3, online=True) == 4
     assert plan_resources(TranscribeOptions().resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 4
     assert plan_resources(TranscribeOptions().resources, {"CPU": 8.0, "GPU": 1.0}, [8.0], LARGE_V3).batch_size == 32
     assert plan_resources(TranscribeOptions(batch_size=3).resources, {"CPU": 2.0}, [2.0], LARGE_V3).batch_size == 3

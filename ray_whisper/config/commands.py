@@ -36,8 +36,8 @@ class ServeOptions(_Group):
     host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
     port: int = _opt(8000, "Port of the HTTP endpoint.")
     max_upload_mb: float = _opt(25.0, "Largest upload accepted, in MB (larger: 413).")
-    max_batch_size: int | None = _opt(None, "Most chunks, of all requests in flight, decoded together. Default: as "
-                                      "transcribe's --batch-size (32 on a GPU, 16 on CPU, fewer for big models).")
+    max_batch_size: int | None = _opt(None, "Most chunks, of all requests in flight, decoded together. Default: 32 on a "
+                                      "GPU, 16 on CPU (where a batch's time is each request's wait), fewer for big models.")
     batch_wait_timeout_s: float = _opt(0.05, "How long a batch's first chunk waits for others to join it.")
     min_replicas: int = _opt(1, "Fewest model replicas (autoscaling lower bound).")
     max_replicas: int = _opt(1, "Most model replicas (autoscaling upper bound).")

@@ -143,7 +143,7 @@ class ResourceOptions(_Group):
 
     batch_size: int | None = _opt(
         None, "Chunks per model call (chunks of many files share a batch). Default: as many as fit 8 GiB "
-        "(GPU) or 2 GiB (CPU) of decoder cache, at most 32 on GPU and 16 on CPU (large-v3: 32 / 4).",
+        "(GPU) or 2 GiB (CPU) of decoder cache, at most 32 (large-v3: 32 on GPU, 4 on CPU).",
     )
     min_actors: int = _opt(1, "Smallest size of the model actor pool (autoscaling lower bound).")
     max_actors: int | None = _opt(

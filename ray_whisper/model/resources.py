@@ -30,8 +30,12 @@ class Resources:
 
 # Automatic batch size: as many chunks as fit these bytes of decoder cross-attention cache (the memory a
 # batch holds through its whole decoding), up to the cap. Larger batches share each decoder step's weight
-# reads (tiny.en on 2 CPU cores: 16 chunks decode 1.57x faster per chunk than 8, 32 only 1.16x more).
-BATCH_MEMORY = {"cpu": (2 << 30, 16), "gpu": (8 << 30, 32)}
+# reads: tiny.en's decoder from memory on 92 min of speech, 2 AMD EPYC cores (AVX512-BF16), bfloat16, took
+# 86.5 s at batch 16 and 77.7 s at 32, the same WER (docs/performance.md#the-cpu-batch-of-32).
+BATCH_MEMORY = {"cpu": (2 << 30, 32), "gpu": (8 << 30, 32)}
+# Serve on CPU keeps batches of at most 16: there a batch's time is every request's wait in it (twice as
+# long at 32 for ~10% more throughput), and its admission limits and overload measurements are at 16.
+ONLINE_CPU_BATCH = 16
 
 
 # The environment of a CPU model actor's process (its runtime_env's env_vars; Ray merges them with the job's).
@@ -60,9 +64,12 @@ def cross_cache_bytes(model_config: dict[str, Any], gpu: bool) -> int:
             * int(model_config["d_model"]) * (2 if gpu else 4))
 
 
-def auto_batch_size(gpu: bool, model_config: dict[str, Any] | None) -> int:
-    """Chunks per model call for a model (its transformers config.json) on a GPU (fp16) or CPU (fp32)."""
+def auto_batch_size(gpu: bool, model_config: dict[str, Any] | None, online: bool = False) -> int:
+    """Chunks per model call for a model (its transformers config.json) on a GPU (fp16) or CPU (fp32);
+    `online`: for a Serve replica (ONLINE_CPU_BATCH on CPU)."""
     budget, cap = BATCH_MEMORY["gpu" if gpu else "cpu"]
+    if online and not gpu:
+        cap = min(cap, ONLINE_CPU_BATCH)
     if not model_config:
         return cap
     return max(1, min(cap, budget // cross_cache_bytes(model_config, gpu)))

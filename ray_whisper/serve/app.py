@@ -102,8 +102,9 @@ class Service:
         self.model_name, self.options, self.geom = model_name, options, ChunkGeometry.of(chunks)
         self.audio_track = chunks.audio_track
         self.decoding = decoding
-        # automatic: as the batch job's model actors size theirs, for the device this replica really got
-        size = options.max_batch_size or auto_batch_size(self.engine.device == "cuda", self.engine.checkpoint.config)
+        # automatic: as the batch job's model actors size theirs (at most 16 on CPU), for the device this replica got
+        size = options.max_batch_size or auto_batch_size(self.engine.device == "cuda", self.engine.checkpoint.config,
+                                                          online=True)
         self.queue: BatchQueue[Job] = BatchQueue(self._decode_batch, size, options.batch_wait_timeout_s,
                                                  options.queue_timeout_s)
         self.gate = Gate(options.max_queued_requests or default_held(size), options.max_uploads, self._retry_after)
