@@ -48,7 +48,6 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
     words. `text_of` turns token ids into text (for the compression ratio); `prompts` and `seeds` are per
     chunk, as Decoder takes them."""
     opt = decoder.opt
-    loops = _loop_test(text_of, decoder.t.eot, opt.compression_ratio_threshold)
     n = len(durations)
     prompts, seeds = prompts or [None] * n, seeds or list(range(n))
     decoder.tally.chunks += n
@@ -57,8 +56,8 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
     if opt.timestamps:
         ends = [_last_sound_s(feats[i], duration) for i, duration in enumerate(durations)]
         hold = [None if end is None else end - SEEK_SLACK_S for end in ends]
-    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, loops, encoded, hold=hold)
-    out = _seek(decoder, feats, durations, decoded, prompts, seeds, loops)
+    decoded = _with_fallback(decoder, feats, languages, prompts, seeds, text_of, encoded, hold=hold)
+    out = _seek(decoder, feats, durations, decoded, prompts, seeds, text_of)
     for i, (row, duration) in enumerate(zip(out, durations)):
         row.segments[:1] = _open_at_sound(feats[i], row.segments[:1], duration)
     if aligner is not None:
@@ -67,7 +66,7 @@ def transcribe_chunks(decoder: Decoder, feats: np.ndarray, languages: list[str |
 
 
 def _seek(decoder: Decoder, feats: np.ndarray, durations: list[float], decoded: list[Decoded], prompts: list,
-          seeds: list[int], loops: Callable[[list[int]], bool]) -> list[ChunkTranscript]:
+          seeds: list[int], text_of: Callable[[list[int]], str]) -> list[ChunkTranscript]:
     opt = decoder.opt
     out = [_transcript(decoder, d, duration) for d, duration in zip(decoded, durations)]
     if not opt.timestamps:
@@ -83,7 +82,7 @@ def _seek(decoder: Decoder, feats: np.ndarray, durations: list[float], decoded: 
             shifted = np.stack([_shift(feats[i], resume) for i, resume in again])
             rows = [i for i, _ in again]
             second = _with_fallback(decoder, shifted, [out[i].language for i in rows], [prompts[i] for i in rows],
-                                    [seeds[i] + 1 for i in rows], loops, loops_only=True)
+                                    [seeds[i] + 1 for i in rows], text_of, loops_only=True)
         for k, ((i, resume), d) in enumerate(zip(again, second)):
             extra = _transcript(decoder, d, durations[i] - resume).segments
             extra[:1] = _open_at_sound(shifted[k], extra[:1], durations[i] - resume)
@@ -101,20 +100,11 @@ def _silent(d: Decoded, opt: DecodingOptions) -> bool:
     return d.no_speech_prob > opt.no_speech_threshold and d.avg_logprob < opt.logprob_threshold
 
 
-def _loop_test(text_of: Callable[[list[int]], str], eot: int, threshold: float) -> Callable[[list[int]], bool]:
-    """Whether a decoding's tokens loop: the compression ratio of their text over `threshold`. Of the text
-    alone, as Whisper computes it: the timestamps' own text (`<|8.00|><|8.00|>`, the same characters at every
-    segment's ends) compresses like a repeat and raised every ratio with the number of segments."""
-    def loops(tokens: list[int]) -> bool:
-        return compression_ratio(text_of([t for t in tokens if t < eot])) > threshold
-
-    return loops
-
-
-def _failed(d: Decoded, opt: DecodingOptions, loops: Callable[[list[int]], bool], loops_only: bool = False) -> bool:
+def _failed(d: Decoded, opt: DecodingOptions, text_of: Callable[[list[int]], str], loops_only: bool = False) -> bool:
     if _silent(d, opt):
         return False  # silence, not a failed decoding: no text either way
-    return loops(d.tokens) or (not loops_only and d.avg_logprob < opt.logprob_threshold)
+    loops = compression_ratio(text_of(d.tokens)) > opt.compression_ratio_threshold
+    return loops or (not loops_only and d.avg_logprob < opt.logprob_threshold)
 
 
 def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], durations: list[float]) -> None:
@@ -137,7 +127,7 @@ def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], d
 
 
 def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | None], prompts: list, seeds: list[int],
-                   loops: Callable[[list[int]], bool], encoded: Any = None, loops_only: bool = False,
+                   text_of: Callable[[list[int]], str], encoded: Any = None, loops_only: bool = False,
                    hold: list[float | None] | None = None) -> list[Decoded]:
     """Decode at the first temperature; decode the chunks that fail again at each next one, together. A chunk
     that fails at every temperature keeps its best attempt: the likeliest among those that do not loop.
@@ -146,11 +136,14 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
     higher temperature it loops (tiny.en on German speech) where left free it may find calm text."""
     opt = decoder.opt
     temperatures = opt.temperature_steps
-    # `loops` also stops a decoding that already loops there: it fails either way
+
+    def loops(tokens: list[int]) -> bool:  # a decoding that already loops stops there: it fails either way
+        return compression_ratio(text_of(tokens)) > opt.compression_ratio_threshold
+
     results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold, loops)
     attempts = [[r] for r in results]
     for temperature in temperatures[1:]:
-        redo = [i for i, r in enumerate(results) if _failed(r, opt, loops, loops_only)]
+        redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of, loops_only)]
         if not redo:
             break
         decoder.tally.fallback_decodings += len(redo)
@@ -164,8 +157,8 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
             attempts[i].append(r)
     decoder.tally.fallback_chunks += sum(len(tried) > 1 for tried in attempts)
     for i, tried in enumerate(attempts):
-        if len(tried) > 1 and _failed(results[i], opt, loops, loops_only):
-            calm = [r for r in tried if not loops(r.tokens)]
+        if len(tried) > 1 and _failed(results[i], opt, text_of, loops_only):
+            calm = [r for r in tried if compression_ratio(text_of(r.tokens)) <= opt.compression_ratio_threshold]
             results[i] = max(calm or tried, key=lambda r: r.avg_logprob)
     return results
 
