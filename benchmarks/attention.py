@@ -1,7 +1,8 @@
 """A decoder step's parts on this CPU: the attention of a few queries over many keys through torch's
 scaled_dot_product_attention beside the model's own (model.network._attend_decoder, what the decoder uses on
-CPU), the vocabulary product plain and packed for oneDNN, and a whole tiny.en decoder step at batch 16, in
-float32 and bfloat16. What network._attend_decoder and network.vocabulary_logits rest on.
+CPU), the vocabulary product plain and packed for oneDNN, and a whole tiny.en decoder step at batch 16 and
+32, in float32, bfloat16 and int8 (--dtype int8: int8 linear layers). What network._attend_decoder and
+network.vocabulary_logits rest on.
 
     python benchmarks/attention.py                 # ~1 min
     python benchmarks/attention.py --threads 4
@@ -47,7 +48,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from ray_whisper.model import network
+    from ray_whisper.model import network, runtime
     from ray_whisper.model.checkpoint import bundled_model_dir
 
     torch.set_num_threads(args.threads)
@@ -68,20 +69,31 @@ def main() -> None:
         packed = ms(lambda: net.vocabulary_logits(h), args.repeats)
         print(f"{name:8} vocabulary product, 16 rows: plain {plain:.2f} ms, as decoding runs it "
               f"({'packed' if net._packed_out(h) is not None else 'plain'}) {packed:.2f} ms")
-        encoded = torch.randn(16, net.dims.n_audio_ctx, net.dims.d_model, generator=g).to(dtype)
+        for rows in (16, 32):
+            print(f"{name:8} tiny.en decoder step, {rows} rows, 4-44 tokens in: {step_ms(net, rows, g, args.repeats):.1f} ms")
+    net = network.load(bundled_model_dir(), dtype=torch.float32)
+    runtime.quantize_linear(net)  # --dtype int8: int8 linear layers, float32 activations and attention
+    for rows in (16, 32):
+        print(f"int8     tiny.en decoder step, {rows} rows, 4-44 tokens in: {step_ms(net, rows, g, args.repeats):.1f} ms")
 
-        with torch.inference_mode():
-            cache = net.new_cache(encoded, 224)
-            net.decode(torch.full((16, 4), 50257), cache)
 
-            def steps(n: int = 40) -> None:
-                cache.length = 4  # the same 40 steps again, after the same 4-token prefix
-                for i in range(n):
-                    net.decode(torch.full((16, 1), 50300 + i), cache)
+def step_ms(net, rows: int, g, repeats: int) -> float:
+    """Milliseconds of one decoder step of `rows` rows over random encoder states, the median of whole runs of
+    40 steps after the same 4-token prefix."""
+    import torch
 
-            step = ms(steps, max(3, args.repeats // 5)) / 40
-        print(f"{name:8} tiny.en decoder step, 16 rows, 4-44 tokens in: {step:.1f} ms")
+    dtype = net.proj_out.weight.dtype
+    encoded = torch.randn(rows, net.dims.n_audio_ctx, net.dims.d_model, generator=g).to(dtype)
+    with torch.inference_mode():
+        cache = net.new_cache(encoded, 224)
+        net.decode(torch.full((rows, 4), 50257), cache)
 
+        def steps(n: int = 40) -> None:
+            cache.length = 4  # the same 40 steps again, after the same 4-token prefix
+            for i in range(n):
+                net.decode(torch.full((rows, 1), 50300 + i), cache)
+
+        return ms(steps, max(3, repeats // 5)) / 40
 
 if __name__ == "__main__":
     main()
