@@ -100,11 +100,16 @@ def _silent(d: Decoded, opt: DecodingOptions) -> bool:
     return d.no_speech_prob > opt.no_speech_threshold and d.avg_logprob < opt.logprob_threshold
 
 
+def _loops(tokens: list[int], opt: DecodingOptions, text_of: Callable[[list[int]], str]) -> bool:
+    """Whether a decoding's tokens (timestamps included) loop: their text's compression ratio is over
+    --compression-ratio-threshold."""
+    return compression_ratio(text_of(tokens)) > opt.compression_ratio_threshold
+
+
 def _failed(d: Decoded, opt: DecodingOptions, text_of: Callable[[list[int]], str], loops_only: bool = False) -> bool:
     if _silent(d, opt):
         return False  # silence, not a failed decoding: no text either way
-    loops = compression_ratio(text_of(d.tokens)) > opt.compression_ratio_threshold
-    return loops or (not loops_only and d.avg_logprob < opt.logprob_threshold)
+    return _loops(d.tokens, opt, text_of) or (not loops_only and d.avg_logprob < opt.logprob_threshold)
 
 
 def _add_words(aligner: WordAligner, encoded: Any, out: list[ChunkTranscript], durations: list[float]) -> None:
@@ -138,7 +143,7 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
     temperatures = opt.temperature_steps
 
     def loops(tokens: list[int]) -> bool:  # a decoding that already loops stops there: it fails either way
-        return compression_ratio(text_of(tokens)) > opt.compression_ratio_threshold
+        return _loops(tokens, opt, text_of)
 
     results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold, loops)
     attempts = [[r] for r in results]
@@ -158,7 +163,7 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
     decoder.tally.fallback_chunks += sum(len(tried) > 1 for tried in attempts)
     for i, tried in enumerate(attempts):
         if len(tried) > 1 and _failed(results[i], opt, text_of, loops_only):
-            calm = [r for r in tried if compression_ratio(text_of(r.tokens)) <= opt.compression_ratio_threshold]
+            calm = [r for r in tried if not loops(r.tokens)]
             results[i] = max(calm or tried, key=lambda r: r.avg_logprob)
     return results
 
