@@ -69,12 +69,28 @@ def main() -> None:
         packed = ms(lambda: net.vocabulary_logits(h), args.repeats)
         print(f"{name:8} vocabulary product, 16 rows: plain {plain:.2f} ms, as decoding runs it "
               f"({'packed' if net._packed_out(h) is not None else 'plain'}) {packed:.2f} ms")
-        for rows in (16, 32):
+        for rows in (1, 16, 32):
             print(f"{name:8} tiny.en decoder step, {rows} rows, 4-44 tokens in: {step_ms(net, rows, g, args.repeats):.1f} ms")
+        print(f"{name:8} tiny.en encoder, 8 windows: {encoder_s(net, g):.2f} s")
+        if dtype == torch.float32:  # the engine packs float32's linears (asr.engine: runtime.pack_linears)
+            for part in ("model.encoder", "model.decoder"):
+                runtime.pack_linears(net, part, network.pack_for_onednn)
+            for rows in (1, 16, 32):
+                print(f"{name:8} tiny.en decoder step, {rows} rows, linears packed: {step_ms(net, rows, g, args.repeats):.1f} ms")
+            print(f"{name:8} tiny.en encoder, 8 windows, linears packed: {encoder_s(net, g):.2f} s")
     net = network.load(bundled_model_dir(), dtype=torch.float32)
     runtime.quantize_linear(net)  # --dtype int8: int8 linear layers, float32 activations and attention
     for rows in (16, 32):
         print(f"int8     tiny.en decoder step, {rows} rows, 4-44 tokens in: {step_ms(net, rows, g, args.repeats):.1f} ms")
+
+
+def encoder_s(net, g) -> float:
+    """Seconds of one encoder pass over 8 windows of random features, the median of two after a warm-up."""
+    import torch
+
+    mel = torch.randn(8, net.dims.n_mels, 3000, generator=g).to(net.proj_out.weight.dtype)
+    with torch.inference_mode():
+        return ms(lambda: net.encode(mel), 2) / 1000
 
 
 def step_ms(net, rows: int, g, repeats: int) -> float:

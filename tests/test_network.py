@@ -235,10 +235,51 @@ def test_the_vocabulary_product_is_packed_in_bfloat16_too(bundled_model):
     oneDNN weight as float32's does, and gives F.linear's logits."""
     net = network.load(bundled_model, dtype=torch.bfloat16)
     h = torch.randn(16, net.dims.d_model, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    if network._pack_for_onednn(net.proj_out.weight) is None:
+    if network.pack_for_onednn(net.proj_out.weight) is None:
         pytest.skip("this torch has no oneDNN packed product for bfloat16 on this CPU")
     assert net._packed_out(h) is not None
     got, want = net.vocabulary_logits(h).float(), torch.nn.functional.linear(h.float(), net.proj_out.weight.float())
     unpacked = torch.nn.functional.linear(h, net.proj_out.weight).float()  # bfloat16 as MKL computes it
     error, error_unpacked = (float((x - want).norm() / want.norm()) for x in (got, unpacked))
     assert error < 1e-2 and error <= 2 * error_unpacked + 1e-4, (error, error_unpacked)
+
+
+def test_float32_linears_packed_for_onednn_still_match_transformers(models, bundled_model, speech):
+    """In float32 on CPU the engine sends every linear through a packed oneDNN weight (runtime.pack_linears):
+    the encoder's output and the decoder's steps must still be transformers' own."""
+    from ray_whisper.model.runtime import PackedLinear, pack_linears
+
+    _, hf = models
+    net = network.load(bundled_model)
+    packed = sum(pack_linears(net, part, network.pack_for_onednn) for part in ("model.encoder", "model.decoder"))
+    if not packed:
+        pytest.skip("this torch has no oneDNN packed product on this CPU")
+    assert packed == 4 * 6 + 4 * 10 and isinstance(net.model.decoder.layers[0].fc1, PackedLinear)
+    with torch.inference_mode():
+        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=12)
+        ref = hf(input_features=speech, decoder_input_ids=tokens).logits
+        encoded, want = net.encode(speech), hf.model.encoder(speech).last_hidden_state
+        assert float((encoded - want).norm() / want.norm()) < 1e-5  # float32's rounding in another order
+        cache = net.new_cache(encoded, tokens.shape[1])
+        net.decode(tokens[:, :3], cache)
+        for pos in range(3, tokens.shape[1]):
+            assert torch.allclose(net.decode(tokens[:, pos : pos + 1], cache), ref[:, pos], atol=1e-3), pos
+
+
+def test_a_bfloat16_decoder_keeps_its_self_attention_in_float32_on_cpu(models, bundled_model, speech):
+    """The self-attention's keys and values grow every step, and oneDNN builds a new bfloat16 product for every
+    new length: on CPU they are kept, and attended, in float32 whatever the model's dtype; the cross-attention
+    cache stays in the model's dtype. A bfloat16 model's steps stay within bfloat16's distance of float32's."""
+    net32, hf = models
+    net = network.load(bundled_model, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        tokens = hf.generate(speech, return_timestamps=True, max_new_tokens=12)
+        caches = [m.new_cache(m.encode(speech.to(m.proj_out.weight.dtype)), tokens.shape[1]) for m in (net, net32)]
+        assert {t.dtype for kv in caches[0].self_kv for t in kv} == {torch.float32}
+        assert {t.dtype for kv in caches[0].cross_kv for t in kv} == {torch.bfloat16}
+        for m, cache in zip((net, net32), caches):
+            m.decode(tokens[:, :3], cache)
+        for pos in range(3, tokens.shape[1]):
+            got, want = (m.decode(tokens[:, pos : pos + 1], c) for m, c in zip((net, net32), caches))
+            assert got.argmax(-1).tolist() == want.argmax(-1).tolist(), pos
+            assert float((got - want).norm() / want.norm()) < 0.1, pos  # bfloat16 weights: 7% here

@@ -125,11 +125,11 @@ def _attend_decoder(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     the faster for 1500 queries.
 
     The scores come out of the product in q's dtype: in bfloat16 each is rounded to 3 significant digits, where
-    torch's kernel keeps them in float32. `in_float32` computes in float32 instead: the decoder asks it for a
-    prompt (several tokens at once, once per chunk), so that a row's start does not hang on the length of the
-    padding or the number of queries beside it; a step (one token per row) stays in the model's dtype (in
-    float32 a bfloat16 step's self-attention made the step 24.5 ms instead of 18.5 at batch 16).
-    In a bfloat16 model the WER stayed the same on the benchmark's three corpora (docs/performance.md)."""
+    torch's kernel keeps them in float32. `in_float32` computes in float32 instead: the self-attention asks it
+    (its cache is float32 on CPU, so a row's start does not hang on the padding or the queries beside it, and
+    a step's products of a new length each time stay cheap); the cross-attention of a step stays in the
+    model's dtype, and a prompt's in float32. In a bfloat16 model the WER stayed the same on the benchmark's
+    three corpora (docs/performance.md)."""
     if in_float32 and q.dtype != torch.float32:
         return _attend_decoder(q.float(), k.float(), v.float(), mask).to(q.dtype)
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
@@ -227,8 +227,12 @@ class Whisper(nn.Module):
         heads = self.dims.decoder_heads
         head_dim = self.dims.d_model // heads
         max_tokens = min(max_tokens, self.dims.n_text_ctx)
+        # on CPU the self-attention keeps its keys and values in float32 whatever the model's dtype: its key
+        # length grows every step, and oneDNN builds a new bfloat16 product for every new shape (~0.6 ms each,
+        # 8 per step), where float32's small products cost microseconds (docs/performance.md)
+        own = torch.float32 if encoded.device.type == "cpu" else encoded.dtype
         self_kv = [
-            (encoded.new_empty(b, heads, max_tokens, head_dim), encoded.new_empty(b, heads, max_tokens, head_dim))
+            tuple(encoded.new_empty(b, heads, max_tokens, head_dim, dtype=own) for _ in range(2))
             for _ in dec.layers
         ]
         # contiguous: every decoder step reads all of them (attention over a transposed view is ~25% slower on CPU)
@@ -254,7 +258,7 @@ class Whisper(nn.Module):
             k_cache[:, :, start:end] = k
             v_cache[:, :, start:end] = v
             x = x + layer.self_attn.attend(h, k_cache[:, :, :end], v_cache[:, :, :end], mask, decoder=True,
-                                         in_float32=n > 1)
+                                         in_float32=True)  # its cache is float32 on CPU (new_cache)
             h = layer.encoder_attn_layer_norm(x)
             heads = [hd for ly, hd in attention_heads or () if ly == index]
             if heads:
@@ -307,14 +311,14 @@ class Whisper(nn.Module):
             return None
         key = (w.data_ptr(), w.shape)
         if self._packed[0] != key:
-            self._packed = (key, _pack_for_onednn(w))
+            self._packed = (key, pack_for_onednn(w))
         return self._packed[1]
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _pack_for_onednn(w: torch.Tensor) -> Any:
+def pack_for_onednn(w: torch.Tensor) -> Any:
     """`w` reordered for torch.ops.mkldnn._linear_pointwise (an internal op that torch.compile uses), or
     None where this torch lacks it or it disagrees with F.linear on a probe."""
     try:
