@@ -140,3 +140,66 @@ def test_the_end_of_text_is_held_only_after_a_timestamp_before_the_rows_hold():
     decoder._hold(logits, state, until)
     assert torch.isinf(logits[:, SPECIAL.eot]).tolist() == [yes, yes, no, no, no, no]
     assert logits[:, : SPECIAL.eot].eq(0).all() and logits[:, SPECIAL.eot + 1 :].eq(0).all()  # nothing else
+
+
+def test_a_sample_follows_its_rows_temperature_and_its_rows_generator_alone():
+    """choose_sampled draws each row's token from softmax(logits / its temperature) with its own generator: the
+    frequencies follow the distribution, a suppressed token (-inf) never comes, and a row's token is the same
+    whatever the rows beside it hold."""
+    from ray_whisper.asr.decoding import choose_sampled
+
+    logits = torch.tensor([[0.0, 1.0, -math.inf, 2.0], [3.0, 0.0, 0.0, -math.inf]])
+    temperatures = torch.tensor([1.0, 0.5])
+    want = (logits / temperatures[:, None]).softmax(-1)
+    counts = torch.zeros(2, 4)
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    for _ in range(4000):
+        token, logprob = choose_sampled(logits, temperatures, generators)
+        counts[[0, 1], token] += 1
+        assert torch.allclose(logprob, logits.log_softmax(-1).gather(1, token[:, None])[:, 0])
+    assert counts[0, 2] == 0 and counts[1, 3] == 0
+    assert torch.allclose(counts / 4000, want, atol=0.03), (counts / 4000, want)
+    alone = [choose_sampled(logits[:1], temperatures[:1], [torch.Generator().manual_seed(s)])[0].item() for s in range(40)]
+    beside = [choose_sampled(logits[[0, 1]], temperatures, [torch.Generator().manual_seed(s), torch.Generator().manual_seed(99)])
+              [0][0].item() for s in range(40)]
+    assert alone == beside and len(set(alone)) > 1
+
+
+@pytest.mark.slow
+def test_a_fallback_wave_decodes_as_one_temperature_after_another(bundled_model, speech_clips, monkeypatch):
+    """A failing chunk is decoded at its next temperatures at once (transcribe.FALLBACK_ROWS rows a wave); the
+    attempts after the first good one stop when it ends. Against one temperature after another: the chunk that
+    loops is mended as well, the other is untouched, in fewer decoder steps (a row's numbers in a batch of
+    another size may differ in their last bits, so a sample need not be the same token for token); and in the
+    decoder a row's later attempt stops at the step its earlier attempt ends good."""
+    from conftest import DATA
+
+    from ray_whisper.asr import transcribe
+    from ray_whisper.asr.engine import Engine
+    from ray_whisper.io.audio import decode_all
+
+    german = decode_all((DATA / "multilingual.mp3").read_bytes())[32 * 16_000 : 50 * 16_000]
+    jfk = speech_clips[0][0]
+    feats = features.log_mel([german, jfk], 80)
+    args = ([None, None], [german.size / 16_000, jfk.size / 16_000])
+    options = DecodingOptions(max_new_tokens=96)
+    runs = {}
+    for rows in (1, transcribe.FALLBACK_ROWS):
+        monkeypatch.setattr(transcribe, "FALLBACK_ROWS", rows)
+        engine = Engine(bundled_model, options, cpu_threads=2)
+        runs[rows] = (engine.transcribe(feats, *args, seeds=[11, 12]), engine.tally)
+    (one, one_tally), (wave, wave_tally) = runs[1], runs[transcribe.FALLBACK_ROWS]
+    assert one[0].temperature > 0.2  # the premise: the German chunk took more than one fallback temperature
+    text = [[transcribe.compression_ratio("".join(engine.text(t) for _, _, t in r.segments)) for r in run]
+            for run in (one, wave)]
+    assert wave[0].temperature > 0 and text[1][0] < options.compression_ratio_threshold, (wave[0].temperature, text)
+    assert wave[1].temperature == one[1].temperature == 0 and wave[1].segments == one[1].segments
+    assert wave_tally.decoder_steps < one_tally.decoder_steps, (wave_tally.decoder_steps, one_tally.decoder_steps)
+    assert wave_tally.fallback_decodings >= one_tally.fallback_decodings  # as many attempts started or more
+
+    decoder = engine.decoder
+    both = feats[[1, 1]]
+    alone = decoder(both[:1], [None], temperature=0.2, seeds=[5])[0]
+    first, later = decoder(both, [None, None], temperature=[0.2, 0.4], seeds=[5, 5],
+                           attempts=([0, 0], lambda d: d.temperature == 0.2))
+    assert first.tokens == alone.tokens and len(later.tokens) <= len(first.tokens) + 1

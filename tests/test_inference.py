@@ -283,7 +283,8 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     fallback = Engine(bundled_model, DecodingOptions(**short), cpu_threads=2)
     first = fallback.transcribe(feats, *args, seeds=seeds)
     fixed = text_of(fallback, first[0])
-    assert first[0].temperature > 0 and compression_ratio(fixed) < compression_ratio(looped) / 2
+    # not a loop by the fallback's own measure (a sample's text is rough: tiny.en hears German as English)
+    assert first[0].temperature > 0 and compression_ratio(fixed) < DecodingOptions().compression_ratio_threshold
     assert _max_repeats(fixed) <= 2, fixed
     assert first[1].temperature == 0 and text_of(fallback, first[1]) == jfk_plain  # untouched
     again = fallback.transcribe(feats, *args, seeds=seeds)

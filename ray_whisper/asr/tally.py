@@ -23,13 +23,13 @@ class Tally:
     decoder work is in encoder_*/decoder_* too, and its fallbacks in fallback_*."""
 
     chunks: int = 0  # chunks asked for (a chunk's second pass and fallbacks are not new chunks)
-    encoder_windows: int = 0  # 30 s windows through the encoder: first and second passes, fallbacks, detection
+    encoder_windows: int = 0  # 30 s windows through the encoder: first and second passes (not fallbacks), detection
     encoder_s: float = 0.0
     decoder_steps: int = 0  # decoder forward calls: one token for every row still decoding (a prompt: one call)
     decoder_tokens: int = 0  # the positions those calls computed, summed over rows
     decoder_s: float = 0.0  # in the forward calls alone (not the masking, choosing and bookkeeping between them)
     fallback_chunks: int = 0  # chunks decoded again at a higher temperature (a first and a second pass count apart)
-    fallback_decodings: int = 0  # those decodings: a chunk that failed at two temperatures counts twice
+    fallback_decodings: int = 0  # those decodings started: a chunk tried at two temperatures counts twice
     fallback_s: float = 0.0  # their time (the decoder's, and the encoder's on a second pass)
     second_passes: int = 0  # chunks decoded again from their last timestamp (asr.transcribe: seek)
     second_pass_s: float = 0.0  # those passes' time, fallbacks included

@@ -34,6 +34,7 @@ from .decoding import Decoded, Decoder
 from .merge import ChunkTranscript
 from .tokens import segments_from_tokens
 
+FALLBACK_ROWS = 8  # the rows of a fallback wave: each failing chunk at up to this many temperatures / chunks
 SEEK_SLACK_S = 1.0  # a chunk whose decoded speech ends this much before its end may have lost words
 LOUD_FRAMES = 10  # 0.1 s: the mel frames averaged to tell sound from the chunk's floor
 ONSET_SLACK_S = 0.5  # a pass's first segment opening this much before the first sound in it opens at that sound
@@ -145,17 +146,31 @@ def _with_fallback(decoder: Decoder, feats: np.ndarray, languages: list[str | No
     def loops(tokens: list[int]) -> bool:  # a decoding that already loops stops there: it fails either way
         return _loops(tokens, opt, text_of)
 
+    def good(r: Decoded) -> bool:
+        return not _failed(r, opt, text_of, loops_only)
+
+    encoded = decoder.encode(feats) if encoded is None else encoded  # once: the fallbacks reuse it
     results = decoder(feats, languages, prompts, temperatures[0], seeds, encoded, hold, loops)
     attempts = [[r] for r in results]
-    for temperature in temperatures[1:]:
-        redo = [i for i, r in enumerate(results) if _failed(r, opt, text_of, loops_only)]
+    remaining = list(temperatures[1:])
+    while remaining:
+        redo = [i for i, r in enumerate(results) if not good(r)]
         if not redo:
             break
-        decoder.tally.fallback_decodings += len(redo)
+        # the next temperatures at once, as many as FALLBACK_ROWS rows allow: a step of a few rows costs
+        # nearly what one row's does, and a chunk's later attempts stop once an earlier one ends good
+        wave = remaining[: max(1, FALLBACK_ROWS // len(redo))]
+        remaining = remaining[len(wave):]
+        jobs = [(i, t) for i in redo for t in wave]
+        rows = [i for i, _ in jobs]
+        decoder.tally.fallback_decodings += len(jobs)
         with decoder.tally.timing("fallback_s"):
-            again = decoder(feats[redo], [results[i].language for i in redo], [prompts[i] for i in redo], temperature,
-                            [seeds[i] for i in redo], None if encoded is None else encoded[redo], loops=loops)
-        for i, r in zip(redo, again):
+            again = decoder(feats[rows], [results[i].language for i in rows], [prompts[i] for i in rows],
+                            [t for _, t in jobs], [seeds[i] for i in rows], encoded[rows], loops=loops,
+                            attempts=(rows, good))
+        for i, r in zip(rows, again):
+            if good(results[i]):
+                continue  # an attempt after this chunk's first good one in the wave: not wanted
             if math.isnan(r.language_prob):  # decoded in the language detected the first time: keep its probability
                 r.language_prob = results[i].language_prob
             results[i] = r
