@@ -253,8 +253,8 @@ class Decoder:
                 good: tuple[list[int], Callable[[int, list[int], float], bool]] | None = None,
                 ) -> tuple[list[list[int]], list[float]]:
         """The likeliest token at every step, or at a row's temperature > 0 a token sampled from the
-        distribution sharpened or flattened by it, each row from its own seeded generator (the same sample
-        whatever else is in the batch). Rows that end, or whose tokens so far `loops` finds looping, leave the
+        distribution sharpened or flattened by it, each row from its own seeded generator (the same random
+        numbers whatever else is in the batch). Rows that end, or whose tokens so far `loops` finds looping, leave the
         batch and the caches at once; with `good` (chunk of each row, and whether a row's ended decoding is
         good), so do the later rows of a chunk whose earlier row ended good."""
         generators = temps = None
