@@ -280,7 +280,9 @@ def test_the_fallback_removes_a_loop_and_leaves_the_chunks_that_did_not_loop_alo
     looped, jfk_plain = (text_of(plain, r) for r in plain.transcribe(feats, *args, seeds=seeds))
     assert compression_ratio(looped) > 2.4 and _max_repeats(looped) >= 4, looped  # the premise: it loops
 
-    fallback = Engine(bundled_model, DecodingOptions(**short), cpu_threads=2)
+    # the fallback at the shipped token limit: its loop rule is a compression ratio, which a loop cut at 96
+    # tokens may not reach yet (a bfloat16 sample here looped "j-j-j-j-..." to the cut at a ratio of 1.52)
+    fallback = Engine(bundled_model, DecodingOptions(), cpu_threads=2)
     first = fallback.transcribe(feats, *args, seeds=seeds)
     fixed = text_of(fallback, first[0])
     # not a loop by the fallback's own measure (a sample's text is rough: tiny.en hears German as English)

@@ -135,10 +135,7 @@ def chunk_batch(
     """map_batches generator: a few manifest rows in, blocks of chunk rows out as they are ready.
     `detect_language`: the model detects each file's language once; `audio_track`: which audio track of each
     file is transcribed, None for its default (see file_to_chunks)."""
-    import torch
-
     schema.require(batch.column_names, (schema.ID, schema.AUDIO), "CPU (decode)")
-    torch.set_num_threads(1)  # one decode task per CPU; torch must not fan out across the node
     out = _Collector()
     for row in batch.to_pylist():
         fs = storage.filesystem(row[schema.AUDIO], storage_options)
