@@ -72,3 +72,33 @@ def test_ray_dying_under_a_run_exits_2_saying_what_is_saved_and_that_a_rerun_res
     assert OutputDir.open(str(out)).scan().num_rows >= int(found.group(1)) >= 1
     assert not (out / SUCCESS).exists()
     assert elapsed < 30, elapsed  # not Ray's minute of retries
+
+
+def test_stop_ends_the_local_ray_it_started_without_rays_exit_waits():
+    """batch.cluster.stop, as a finished CLI run calls it: every process of the local Ray is gone when it
+    returns, and it does not wait out Ray's 1 s grace for the autoscaler's monitor (whose SIGTERM handler
+    reports through the GCS stopped before it) nor Ray's 0.5 s exit sleep."""
+    import sys
+
+    script = """
+import time, psutil
+from ray_whisper.batch.cluster import connect, stop
+
+assert connect()
+me = psutil.Process()
+family = [p for p in me.children(recursive=True) if "ray_whisper.batch.cluster" not in " ".join(p.cmdline())]
+names = sorted({p.name() for p in family})
+monitor = any("autoscaler/_private/monitor" in " ".join(p.cmdline()) for p in family)
+started = time.monotonic()
+stop()
+took = time.monotonic() - started
+left = [p.name() for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+print(repr((names, monitor, took, left)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names, monitor, took, left = eval(proc.stdout.strip().splitlines()[-1])
+    assert any(n.startswith("gcs_server") for n in names) and "raylet" in names and monitor, names
+    assert not left, left
+    assert took < 0.9, took  # Ray's own shutdown waited 1.0 s for the monitor alone
