@@ -19,6 +19,12 @@ def test_cpu_only_cluster_runs_one_cpu_actor_with_the_node_cores():
     assert (res.gpus_per_actor, res.min_actors, res.max_actors) == (0.0, 1, 1)
     assert res.batch_size == 32 and res.cpus_per_actor == 1.0
     assert res.cpu_threads == 2  # the one actor uses both cores of its node
+    assert res.decode_cpus == 0.5  # two decode tasks per CPU beside a model that takes every core
+
+
+def test_decode_tasks_reserve_a_whole_cpu_beside_a_gpu_model():
+    assert plan({"CPU": 32.0, "GPU": 4.0}, [8.0] * 4).decode_cpus == 1.0
+    assert plan({"CPU": 8.0}, [8.0], gpus_per_actor=1, max_actors=2).decode_cpus == 1.0  # GPUs on their way
 
 
 def test_four_gpus_give_four_actors_of_one_gpu():

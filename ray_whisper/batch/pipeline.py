@@ -151,7 +151,7 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
                        "detect_language": prepared.detect_language, "audio_track": options.chunks.audio_track},
             batch_size=None,
             batch_format="pyarrow",
-            num_cpus=1,
+            num_cpus=res.decode_cpus,
             max_retries=3,  # a decode worker that dies (OOM kill, node loss) is retried on another
         )
         # whole batches: chunks arrive in blocks of one decode task's files (1 to ~40 chunks); cut and joined

@@ -26,6 +26,7 @@ class Resources:
     gpus_per_actor: float
     cpus_per_actor: float
     cpu_threads: int  # torch threads of a model actor running on CPU
+    decode_cpus: float = 1.0  # CPUs each decode task reserves (DECODE_CPUS)
 
 
 # Automatic batch size: as many chunks as fit these bytes of decoder cross-attention cache (the memory a
@@ -33,6 +34,11 @@ class Resources:
 # reads: tiny.en's decoder from memory on 92 min of speech, 2 AMD EPYC cores (AVX512-BF16), bfloat16, took
 # 86.5 s at batch 16 and 77.7 s at 32, the same WER (docs/performance.md#the-cpu-batch-of-32).
 BATCH_MEMORY = {"cpu": (2 << 30, 32), "gpu": (8 << 30, 32)}
+# CPUs a decode task reserves. A model on CPU runs torch on every core of its node (torch_threads), so a decode
+# task beside it gets a share of a core whatever it reserves, and one task per CPU left free fell behind: the
+# model waited for chunks. Two per CPU keep it fed (tiny.en, 92 min in 10 files, 2 AMD EPYC cores, alternated:
+# 85.9, 84.4, 87.5 s -> 82.1, 83.2, 81.6 s; docs/performance.md). A model on a GPU leaves each task its core.
+DECODE_CPUS = {"cpu": 0.5, "gpu": 1.0}
 # Serve on CPU keeps batches of at most 16: there a batch's time is every request's wait in it (twice as
 # long at 32 for ~10% more throughput), and its admission limits and overload measurements are at 16.
 ONLINE_CPU_BATCH = 16
@@ -149,7 +155,8 @@ def plan_resources(
         max_actors = options.min_actors
     batch_size = options.batch_size or auto_batch_size(gpus_per_actor > 0, model_config)
     cpu_threads = torch_threads(options.cpus_per_actor, node_cpus or [cluster.get("CPU", 1)], max_actors)
-    return Resources(batch_size, options.min_actors, max_actors, gpus_per_actor, options.cpus_per_actor, cpu_threads)
+    return Resources(batch_size, options.min_actors, max_actors, gpus_per_actor, options.cpus_per_actor, cpu_threads,
+                     DECODE_CPUS["gpu" if gpus_per_actor > 0 else "cpu"])
 
 
 def whisper_sizes() -> dict[str, dict[str, Any]]:
