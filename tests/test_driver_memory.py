@@ -58,19 +58,23 @@ def test_manifest_dataset_gives_each_decode_task_files_per_task_rows(ray_session
 
 
 def test_a_row_that_kills_its_decode_worker_costs_only_its_own_block(ray_session, monkeypatch):
-    """With max_errored_blocks=-1 (as pipeline.stages sets it), a task that dies every time loses its block of
-    files_per_task rows, which OutputDir.complete turns into `lost` rows; the other blocks come through."""
+    """With the run's context (pipeline.run_context, as pipeline.stages sets it), a task that dies every time
+    loses its block of files_per_task rows, which OutputDir.complete turns into `lost` rows; the other blocks
+    come through. The context is the dataset's own: the process's current one is left as it was (setting that
+    one after the dataset was made, as stages used to, never reached the run: the first lost block was fatal)."""
     import ray.data
 
     monkeypatch.setattr(pipeline, "SOURCE_BLOCK_TASKS", 4)
-    monkeypatch.setattr(ray.data.DataContext.get_current(), "max_errored_blocks", -1)
 
     def decode(block: pa.Table) -> pa.Table:
         if "s0000013" in block[schema.ID].to_pylist():
             os._exit(1)  # as a file that crashes the decoder would
         return block.select([schema.ID])
 
+    current = ray.data.DataContext.get_current().max_errored_blocks
     ds = pipeline.manifest_rows(_manifest(31), files_per_task=3)
+    pipeline.run_context(ds)
+    assert ray.data.DataContext.get_current().max_errored_blocks == current == 0
     ids = {r[schema.ID] for r in ds.map_batches(decode, batch_size=None, batch_format="pyarrow", max_retries=1).take_all()}
     assert {f"s{i:07d}" for i in range(31)} - ids == {"s0000012", "s0000013", "s0000014"}
 
@@ -96,3 +100,25 @@ def test_begin_and_complete_cost_the_driver_little_per_row(tmp_path):
         tracemalloc.stop()
     assert todo.num_rows == ROWS and rows.num_rows == ROWS
     assert peak / ROWS < BOUND / 4, f"{peak / ROWS:.0f} B of Python objects per row at the peak"
+
+
+def test_a_decode_task_s_blocks_go_downstream_as_it_yields_them(ray_session):
+    """With the run's context, each block of CHUNKS_PER_BLOCK chunk rows (80 mel bins) a decode task yields is
+    a block of its own downstream, whole: Ray Data's default joined a task's yields until 128 MiB or its end,
+    and the model waited for whole decode tasks."""
+    import numpy as np
+
+    from ray_whisper.batch.cpu_stage import CHUNKS_PER_BLOCK
+
+    feature_bytes = np.zeros(80 * 3000, np.float16).tobytes()
+
+    def decode(block: pa.Table):
+        for _ in range(3):
+            yield pa.table({"features": pa.array([feature_bytes] * CHUNKS_PER_BLOCK, pa.binary())})
+
+    ds = pipeline.manifest_rows(_manifest(2), files_per_task=2)
+    pipeline.run_context(ds)
+    chunks = ds.map_batches(decode, batch_size=None, batch_format="pyarrow")
+    sizes = [r["n"] for r in chunks.map_batches(lambda b: pa.table({"n": [b.num_rows]}), batch_size=None,
+                                                batch_format="pyarrow").take_all()]
+    assert sizes == [CHUNKS_PER_BLOCK] * 3

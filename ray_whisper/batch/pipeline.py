@@ -30,7 +30,7 @@ from ..io.manifest import read_manifest
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..io.output import OutputDir, new_run_id
 from ..io.parts import PartWriter
-from .cpu_stage import chunk_batch
+from .cpu_stage import CHUNK_BLOCK_BYTES, chunk_batch
 from .model_stage import ModelStage
 from .report import Progress, Summary, summarize
 from ..model.resources import model_actor_options, plan_resources
@@ -135,11 +135,7 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
 
     res = _plan(prepared, options)
     actor_options = model_actor_options(options.decoding.dtype, res.gpus_per_actor, "--gpus-per-actor")
-    context = ray.data.DataContext.get_current()
-    # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
-    # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
-    context.max_errored_blocks = -1
-    context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
+    run_context(files)
     log_once("ray_data_progress_manager_disabled")  # marks Ray Data's notice that they are off as shown
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these retry settings in **ray_remote_args but has no named parameter for them;
@@ -188,6 +184,21 @@ def stages(files: Any, prepared: Prepared, options: TranscribeOptions, writer: P
             max_restarts=-1,
             max_task_retries=-1,
         )
+
+
+def run_context(ds: Any) -> None:
+    """Set a run's Ray Data options on `ds`'s own context, which every stage made from it shares (not on
+    DataContext.get_current(): a dataset copies that when it is made, so what is set there after, as this
+    used to, never reached the run)."""
+    context = ds.context
+    # A block whose task fails for good (a file that kills its worker every time) is skipped, not fatal:
+    # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
+    context.max_errored_blocks = -1
+    context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
+    # A decode task's blocks go downstream as it yields them (cpu_stage.CHUNKS_PER_BLOCK chunks, 7.7 MB at 80
+    # mel bins): Ray Data joins a task's output until this many bytes or the task's end, and at its 128 MiB
+    # the model waited for whole tasks (the first batch 1.5-2.5 s after the model loaded on 92 min; 0.1-1.1 s)
+    context.target_max_block_size = CHUNK_BLOCK_BYTES
 
 
 def _plan(prepared: Prepared, options: TranscribeOptions) -> Any:
