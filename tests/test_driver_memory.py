@@ -101,24 +101,3 @@ def test_begin_and_complete_cost_the_driver_little_per_row(tmp_path):
     assert todo.num_rows == ROWS and rows.num_rows == ROWS
     assert peak / ROWS < BOUND / 4, f"{peak / ROWS:.0f} B of Python objects per row at the peak"
 
-
-def test_a_decode_task_s_blocks_go_downstream_as_it_yields_them(ray_session):
-    """With the run's context, each block of CHUNKS_PER_BLOCK chunk rows (80 mel bins) a decode task yields is
-    a block of its own downstream, whole: Ray Data's default joined a task's yields until 128 MiB or its end,
-    and the model waited for whole decode tasks."""
-    import numpy as np
-
-    from ray_whisper.batch.cpu_stage import CHUNKS_PER_BLOCK
-
-    feature_bytes = np.zeros(80 * 3000, np.float16).tobytes()
-
-    def decode(block: pa.Table):
-        for _ in range(3):
-            yield pa.table({"features": pa.array([feature_bytes] * CHUNKS_PER_BLOCK, pa.binary())})
-
-    ds = pipeline.manifest_rows(_manifest(2), files_per_task=2)
-    pipeline.run_context(ds)
-    chunks = ds.map_batches(decode, batch_size=None, batch_format="pyarrow")
-    sizes = [r["n"] for r in chunks.map_batches(lambda b: pa.table({"n": [b.num_rows]}), batch_size=None,
-                                                batch_format="pyarrow").take_all()]
-    assert sizes == [CHUNKS_PER_BLOCK] * 3

@@ -22,9 +22,6 @@ from ..config import StorageOptions
 from ..errors import INTERNAL_ERROR, TRUNCATED, DecodeError, FileError, row_error
 
 CHUNKS_PER_BLOCK = 16  # about 8 MB of float16 features per yielded block
-# the dataset's target block size (pipeline.stages): under one yielded block at 80 mel bins (7.7 MB), so that
-# each goes downstream at once, and over two thirds of it, so that Ray Data does not cut it in two
-CHUNK_BLOCK_BYTES = 6 << 20
 FEATURE_GROUP = 8  # chunks whose log-mel is computed together
 
 

@@ -30,7 +30,7 @@ from ..io.manifest import read_manifest
 from ..model.checkpoint import Checkpoint, resolve_model
 from ..io.output import OutputDir, new_run_id
 from ..io.parts import PartWriter
-from .cpu_stage import CHUNK_BLOCK_BYTES, chunk_batch
+from .cpu_stage import chunk_batch
 from .model_stage import ModelStage
 from .report import Progress, Summary, summarize
 from ..model.resources import model_actor_options, plan_resources
@@ -195,10 +195,6 @@ def run_context(ds: Any) -> None:
     # its rows come back from no worker and OutputDir.complete() gives them `lost` error rows.
     context.max_errored_blocks = -1
     context.enable_progress_bars = False  # Ray Data counts chunks and blocks; report.Progress counts files
-    # A decode task's blocks go downstream as it yields them (cpu_stage.CHUNKS_PER_BLOCK chunks, 7.7 MB at 80
-    # mel bins): Ray Data joins a task's output until this many bytes or the task's end, and at its 128 MiB
-    # the model waited for whole tasks (the first batch 1.5-2.5 s after the model loaded on 92 min; 0.1-1.1 s)
-    context.target_max_block_size = CHUNK_BLOCK_BYTES
 
 
 def _plan(prepared: Prepared, options: TranscribeOptions) -> Any:
