@@ -48,7 +48,7 @@ class DecodingOptions(_Group):
         "auto", "Model precision. auto: float16 on GPU; on CPU bfloat16 where the CPU computes it natively (AMX "
         "or AVX512-BF16: 1.3-1.5x faster than float32 at the same WER, docs/performance.md), else float32. int8 "
         "(CPU only, not recommended): the linear layers quantised to int8 at load; no faster than bfloat16 on an "
-        "AVX512-BF16 CPU (1.02x on 92 min of speech, 0.89x on varied audio) and 2 WER points worse on varied "
+        "AVX512-BF16 CPU (0.99x on 92 min of speech, 0.90x on varied audio) and 2-4 WER points worse on varied "
         "audio (docs/performance.md).",
     )
     no_speech_threshold: float = _opt(
