@@ -23,7 +23,8 @@ import torch
 from ..config import DecodingOptions
 from ..model import network
 from ..model.checkpoint import Checkpoint
-from ..model.runtime import (ModelThread, keep_freed_memory, pack_linears, quantize_linear, resolve_dtype,
+from ..model.int8 import quantize_linear
+from ..model.runtime import (ModelThread, keep_freed_memory, pack_linears, resolve_dtype,
                              run_at_normal_priority)
 from . import features
 from .alignment import WordAligner

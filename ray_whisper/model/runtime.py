@@ -111,7 +111,7 @@ def auto_cpu_dtype(flags: frozenset[str]) -> torch.dtype:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """The torch dtype for --dtype on this device: auto is float16 on GPU and auto_cpu_dtype on CPU; int8
-    loads in float32 and is quantised after (quantize_linear)."""
+    loads in float32 and is quantised after (int8.quantize_linear)."""
     if name == "int8":
         refused = int8_on_gpu(name, 0 if device == "cpu" else 1, "--gpus-per-actor (or --gpus-per-replica)")
         if refused:
@@ -123,25 +123,6 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
         log.warning("float16 is slow or unsupported on CPU; using float32")
         return torch.float32
     return getattr(torch, name)
-
-
-def quantize_linear(net: nn.Module, keep: tuple[str, ...] = ("proj_out",)) -> int:
-    """--dtype int8: every nn.Linear of `net` but those named in `keep` replaced, in place, by PyTorch's
-    dynamically quantised int8 linear (int8 weights with a scale per output channel, activations quantised
-    per call). A scale per channel, not one per matrix: the decoder from memory on 32.6 min of speech went
-    from 2.47% WER to 1.98% (float32: 1.68%) at the same speed (docs/performance.md). The vocabulary
-    projection is kept in float32: it runs through the packed oneDNN product (network.vocabulary_logits),
-    and quantising it too cost WER (tiny.en, 3 min of speech: 1.63% -> 1.83%) for ~9% more speed. Measured
-    there: 6.4 s -> 4.6 s for the whole decode, at the same WER. Returns the number of layers quantised."""
-    import warnings
-
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    spec = {name: per_channel_dynamic_qconfig for name, m in net.named_modules() if isinstance(m, nn.Linear) and name not in keep}
-    with warnings.catch_warnings():  # torch.ao's eager quantisation says it moves to torchao; it still works
-        warnings.simplefilter("ignore")
-        quantize_dynamic(net, spec, dtype=torch.qint8, inplace=True)
-    return len(spec)
 
 
 class PackedLinear(nn.Module):
