@@ -1,5 +1,6 @@
-"""--dtype int8's linear layers (model.int8): the encoder's take their input with a scale per row, so rows of
-very different range each keep their precision, where torch's one scale per call loses the quiet ones."""
+"""--dtype int8's linear layers (model.int8): their input is quantised with a scale per row, so rows of very
+different range each keep their precision, where torch's one scale per call loses the quiet ones; through
+oneDNN's int8 product where it works (the rest of the network in the CPU's float dtype), else torch.ao's."""
 
 from __future__ import annotations
 
@@ -67,12 +68,8 @@ def test_an_input_handed_over_is_divided_in_place_to_the_same_result(linear):
         assert torch.equal(int8.RowScaledLinear(_quantized(no_bias))(x)[1, 4], torch.zeros(192))
 
 
-def test_quantize_linear_scales_the_encoders_rows_and_leaves_the_rest_as_torch_does():
-    """The encoder's linears are RowScaledLinear (fc1 and fc2, whose inputs nothing else reads, divided in
-    place), the decoder's are torch's own, the vocabulary projection stays float32; the encoder's output
-    stays within a few percent of float32's."""
-    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
-
+def _small_whisper() -> network.Whisper:
+    """A two-layer Whisper of random weights (d_model 64), float32."""
     torch.manual_seed(3)
     dims = network.Dims(n_mels=80, d_model=64, encoder_layers=2, encoder_heads=2, decoder_layers=2,
                         decoder_heads=2, encoder_ffn=256, decoder_ffn=256, n_audio_ctx=1500, n_text_ctx=448,
@@ -83,9 +80,75 @@ def test_quantize_linear_scales_the_encoders_rows_and_leaves_the_rest_as_torch_d
             p.copy_(torch.randn_like(p) * 0.1)
         for norm in (m for m in net.modules() if isinstance(m, nn.LayerNorm)):
             norm.weight.fill_(1)
+    return net
+
+
+onednn = pytest.mark.skipif(not int8.onednn_int8_works(), reason="this torch has no working oneDNN int8 product")
+
+
+@onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_int8_linear_keeps_every_rows_precision_in_the_inputs_dtype(linear, dtype):
+    """Int8Linear: rows 10^-3 to 10^2 in one call each within a few percent of float32 (in bfloat16: of what a
+    plain bfloat16 linear loses), out in the input's dtype and shape; an all-zero row gives the bias, not NaN;
+    no bias gives zeros there."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 256, generator=g) * 10 ** torch.linspace(-3, 2, 32).unsqueeze(1)
+    x[1, 7] = 0
+    layer = int8.Int8Linear(linear).to(dtype)
+    with torch.inference_mode():
+        out = layer(x.to(dtype))
+        assert out.dtype == dtype and out.shape == (2, 32, 192)
+        errors = _row_errors(out.float(), linear, x.to(dtype).float())
+        # in bfloat16 a quiet row's output rounds to the bias's 8 bits whatever the product: a plain bfloat16
+        # linear loses as much there, so each row is held to 3% or twice that linear's own error
+        plain = _row_errors(copy.deepcopy(linear).to(dtype)(x.to(dtype)).float(), linear, x.to(dtype).float())
+        real = torch.ones_like(errors, dtype=torch.bool)
+        real[1, 7] = False
+        assert (errors <= torch.clamp(2 * plain, min=0.03))[real].all(), (errors - 2 * plain).max()
+        assert torch.allclose(out[1, 7].float(), linear.bias.to(dtype).float())
+        no_bias = nn.Linear(256, 192, bias=False)
+        assert torch.equal(int8.Int8Linear(no_bias)(x)[1, 7], torch.zeros(192))
+        # near the top of the range every value must survive: a product that rounds to 128 would wrap to -128
+        top = torch.full((1, 256), 3.0).to(dtype)
+        assert ((int8.Int8Linear(no_bias).to(dtype)(top).float() - no_bias(top.float())).norm()
+                / no_bias(top.float()).norm()) < 0.03
+
+
+@onednn
+def test_quantize_linear_through_onednn_moves_the_rest_to_the_cpus_dtype():
+    """Every linear but the vocabulary projection is an Int8Linear, the rest of the network in the dtype
+    asked for (bfloat16 here); the encoder's output stays within a few percent of float32's, and a decoder step
+    runs through it."""
+    net = _small_whisper()
     reference = copy.deepcopy(net)
     linears = sum(isinstance(m, nn.Linear) for m in net.modules())
-    assert int8.quantize_linear(net) == linears - 1
+    assert int8.quantize_linear(net, torch.bfloat16) == "onednn"
+    assert sum(isinstance(m, int8.Int8Linear) for m in net.modules()) == linears - 1
+    assert type(net.proj_out) is nn.Linear and net.proj_out.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ours, theirs = net.encode(mel.bfloat16()), reference.encode(mel)
+        assert ours.dtype == torch.bfloat16
+        assert ((ours.float() - theirs).norm() / theirs.norm()) < 0.05
+        cache = net.new_cache(ours, max_tokens=8)
+        logits = net.decode(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache)
+        want = reference.decode(torch.tensor([[1, 2, 3], [4, 5, 6]]), reference.new_cache(theirs, max_tokens=8))
+    assert torch.isfinite(logits).all() and logits.shape == want.shape
+    assert ((logits.float() - want).norm() / want.norm()) < 0.1
+
+
+def test_torch_ao_fallback_scales_the_encoders_rows_and_leaves_the_rest_as_torch_does(monkeypatch):
+    """The encoder's linears are RowScaledLinear (fc1 and fc2, whose inputs nothing else reads, divided in
+    place), the decoder's are torch's own, the vocabulary projection stays float32; the encoder's output
+    stays within a few percent of float32's. The path taken where oneDNN's int8 product is missing."""
+    from torch.ao.nn.quantized.dynamic import Linear as QuantizedLinear
+
+    net = _small_whisper()
+    reference = copy.deepcopy(net)
+    monkeypatch.setattr(int8, "onednn_int8_works", lambda: False)  # as on a torch without the op
+    assert int8.quantize_linear(net, torch.bfloat16) == "torch.ao"
     encoder = dict(net.model.encoder.named_modules())
     scaled = {name: m for name, m in encoder.items() if isinstance(m, int8.RowScaledLinear)}
     assert len(scaled) == 2 * 6 and not any(isinstance(m, QuantizedLinear) for n, m in encoder.items()

@@ -147,13 +147,24 @@ def pack_linears(net: nn.Module, under: str, pack: Callable[[torch.Tensor], Any]
     """Every nn.Linear of `net` under `under` (a module path) replaced, in place, by a PackedLinear over
     `pack(weight)` (network.pack_for_onednn: None where this torch lacks the op or a probe disagrees with
     F.linear, and the layer is left as it is). Returns the number of layers packed."""
-    parent = net.get_submodule(under)
+    def packed(linear: nn.Module, owner: nn.Module, name: str) -> nn.Module | None:
+        weight = pack(linear.weight.detach())
+        return None if weight is None else PackedLinear(linear, weight)
+
+    return replace_modules(net.get_submodule(under), nn.Linear, packed)
+
+
+def replace_modules(net: nn.Module, kind: type[nn.Module], make: Callable[[Any, nn.Module, str], nn.Module | None],
+                    keep: tuple[str, ...] = ()) -> int:
+    """Every module of `net` of type `kind` whose own name is not in `keep` replaced, in place, by
+    `make(module, its owner, its name)`; a None from `make` leaves it as it is. Returns how many were replaced."""
     count = 0
-    for name, module in list(parent.named_modules()):
-        if isinstance(module, nn.Linear):
-            packed = pack(module.weight.detach())
-            if packed is not None:
-                owner, _, leaf = name.rpartition(".")
-                setattr(parent.get_submodule(owner) if owner else parent, leaf, PackedLinear(module, packed))
+    for path, module in list(net.named_modules()):
+        owner_path, _, name = path.rpartition(".")
+        if isinstance(module, kind) and name not in keep:
+            owner = net.get_submodule(owner_path)
+            replacement = make(module, owner, name)
+            if replacement is not None:
+                setattr(owner, name, replacement)
                 count += 1
     return count
