@@ -47,9 +47,10 @@ class DecodingOptions(_Group):
     dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = _opt(
         "auto", "Model precision. auto: float16 on GPU; on CPU bfloat16 where the CPU computes it natively (AMX "
         "or AVX512-BF16: 1.3-1.5x faster than float32 at the same WER, docs/performance.md), else float32. int8 "
-        "(CPU only): the linear layers quantised to int8 at load, the encoder's with a scale per row; within 0.5 "
-        "WER points of bfloat16 on varied audio, but no faster than bfloat16 on an AVX512-BF16 CPU (0.99x on 92 "
-        "min of speech, 0.98x on varied audio; docs/performance.md).",
+        "(CPU only): the linear layers quantised to int8 at load, each call's input with a scale per row; on a "
+        "CPU with AMX through oneDNN with the rest in bfloat16 (1.23x faster-whisper int8 on 92 min of speech, "
+        "WER as bfloat16's, but 0.79x bfloat16's speed), elsewhere through torch.ao in float32 (no faster than "
+        "bfloat16 on an AVX512-BF16 CPU). Pick it for int8 weights, not for speed (docs/performance.md).",
     )
     no_speech_threshold: float = _opt(
         0.6, "A chunk whose no-speech probability is above this AND whose mean token log-probability is "
