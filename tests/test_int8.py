@@ -161,3 +161,17 @@ def test_torch_ao_fallback_scales_the_encoders_rows_and_leaves_the_rest_as_torch
     with torch.inference_mode():
         ours, theirs = net.encode(mel), reference.encode(mel)
     assert ((ours - theirs).norm() / theirs.norm()) < 0.05
+
+
+def test_onednn_is_taken_only_where_the_cpu_lists_amx_int8(monkeypatch):
+    """The rule before the probe: a CPU without AMX int8 keeps torch.ao (off AMX oneDNN's int8 product was
+    not measured, and held below AMX it fell to a kernel 1000x slower)."""
+    monkeypatch.setattr(int8, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "avx512_bf16"}))
+    int8.onednn_int8_works.cache_clear()
+    try:
+        assert int8.onednn_int8_works() is False
+        net = _small_whisper()
+        assert int8.quantize_linear(net, torch.bfloat16) == "torch.ao"
+        assert not any(isinstance(m, int8.Int8Linear) for m in net.modules())
+    finally:
+        int8.onednn_int8_works.cache_clear()

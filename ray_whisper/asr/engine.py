@@ -24,8 +24,8 @@ from ..config import DecodingOptions
 from ..model import network
 from ..model.checkpoint import Checkpoint
 from ..model.int8 import quantize_linear
-from ..model.runtime import (ModelThread, auto_cpu_dtype, cpu_flags, keep_freed_memory, pack_linears, resolve_dtype,
-                             run_at_normal_priority)
+from ..model.runtime import (ModelThread, auto_cpu_dtype, cpu_flags, keep_freed_memory, pack_linears,
+                             resolve_dtype, run_at_normal_priority)
 from . import features
 from .alignment import WordAligner
 from .decoding import Decoder

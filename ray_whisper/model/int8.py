@@ -10,7 +10,7 @@ Two kernels, chosen at load (`onednn_int8_works`):
 - on a CPU with AMX int8, `Int8Linear`: oneDNN's int8 product, the rest of the network (attention, norms,
   GELU) in the CPU's float dtype (bfloat16: AMX has it). On a 2-core Xeon with AMX an encoder pass over 8
   windows takes 0.55 s, against 0.95 s with torch's dynamic int8 linear and float32 around it (bfloat16
-  alone: 0.35 s); 90 min of speech end to end 68.8 s against 91.0 s (docs/performance.md).
+  alone: 0.35 s); 92 min of speech end to end 68.8-73.6 s against 91.0 s (docs/performance.md).
 - elsewhere, or where this torch lacks the op or the probe fails: PyTorch's dynamically quantised linear
   (torch.ao, fbgemm) in a float32 network, the encoder's wrapped in `RowScaledLinear`.
 """
